@@ -1,0 +1,225 @@
+"""Reading a dataset into the canonical table, checking it, and describing it.
+
+The canonical table has one float64 column per feature, in the source's order and with the source's
+names, followed by the label column; its index holds row ids that later stages keep.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from trackflow.config import BUILTIN_DATASETS, DataConfig
+from trackflow.errors import DataError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_LABEL_COLUMN = "target"
+
+
+def load_bundled(name: str) -> pd.DataFrame:
+    """One of scikit-learn's bundled datasets as a table; its label column is ``target``."""
+    if name not in BUILTIN_DATASETS:
+        raise DataError(f"unknown bundled dataset {name!r}; use one of {', '.join(BUILTIN_DATASETS)}")
+    from sklearn import datasets
+
+    return getattr(datasets, f"load_{name}")(as_frame=True).frame
+
+
+def read_source(source: str) -> pd.DataFrame:
+    """Read ``sklearn:<name>`` or a CSV/Parquet file into a table, refusing duplicate columns."""
+    if source.startswith("sklearn:"):
+        return load_bundled(source.removeprefix("sklearn:"))
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(
+            f"data file {source!r} does not exist. Put your table under data/raw/, track it with "
+            "`dvc add`, and set data.source in params.yaml to its path"
+        )
+    if path.stat().st_size == 0:
+        raise DataError(f"data file {source!r} is empty (0 bytes)")
+    columns = _header(path)
+    duplicates = sorted({name for name in columns if columns.count(name) > 1})
+    if duplicates:
+        raise DataError(
+            f"{source!r} has duplicate column names {duplicates}; rename them so each is unique"
+        )
+    return _read_file(path)
+
+
+def to_canonical(
+    frame: pd.DataFrame, label_column: str, non_finite: str = "fail"
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Check a raw table and return it in canonical form.
+
+    Args:
+        frame: Raw table, shape (n_rows, n_features + 1).
+        label_column: Name of the class column.
+        non_finite: ``"fail"`` to refuse NaN/inf in features, ``"impute"`` to keep them as NaN
+            for the preprocessor to impute from training rows.
+
+    Returns:
+        The canonical table and, per feature, the number of NaN/inf values it held.
+
+    Raises:
+        DataError: Naming what is wrong with the table and how to fix it.
+    """
+    frame = frame.rename(columns=str).reset_index(drop=True)
+    duplicates = sorted({name for name in frame.columns if list(frame.columns).count(name) > 1})
+    if duplicates:
+        raise DataError(f"duplicate column names {duplicates}; rename them so each is unique")
+    if frame.empty:
+        raise DataError("the table has no rows")
+    if label_column not in frame.columns:
+        hint = difflib.get_close_matches(label_column, list(frame.columns), n=1)
+        guess = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise DataError(
+            f"label column {label_column!r} is not in the table (columns: "
+            f"{_preview(frame.columns)}).{guess} Set data.label_column in params.yaml"
+        )
+    features = frame.drop(columns=label_column)
+    if features.shape[1] == 0:
+        raise DataError(f"the table has no feature columns besides the label {label_column!r}")
+    features = _numeric_features(features)
+    labels = _labels(frame[label_column], label_column)
+    counts = _non_finite_counts(features)
+    if counts and non_finite == "fail":
+        raise DataError(
+            f"{sum(counts.values())} NaN/inf values in features {_preview(counts)}. Clean the data, "
+            "or set data.non_finite: impute to fill them with the training rows' median"
+        )
+    if counts:
+        log.warning(
+            "%d NaN/inf feature values in %d columns will be imputed from training rows: %s",
+            sum(counts.values()),
+            len(counts),
+            counts,
+        )
+    features = features.replace([np.inf, -np.inf], np.nan)
+    canonical = features.assign(**{label_column: labels})
+    canonical.index = pd.RangeIndex(len(canonical), name="row_id")
+    return canonical, counts
+
+
+def profile(
+    table: pd.DataFrame, label_column: str, source: str, non_finite: dict[str, int]
+) -> dict[str, Any]:
+    """Schema and statistics of a canonical table: what later stages and drift checks compare to."""
+    features = table.drop(columns=label_column)
+    stats = features.describe().T
+    return {
+        "source": source,
+        "digest": table_digest(table),
+        "n_rows": len(table),
+        "n_features": features.shape[1],
+        "label_column": label_column,
+        "label_dtype": str(table[label_column].dtype),
+        "class_counts": {str(k): int(v) for k, v in table[label_column].value_counts().items()},
+        "non_finite_values": non_finite,
+        "features": [
+            {
+                "name": name,
+                "dtype": str(features[name].dtype),
+                "mean": _finite_or_none(stats.at[name, "mean"]),
+                "std": _finite_or_none(stats.at[name, "std"]),
+                "min": _finite_or_none(stats.at[name, "min"]),
+                "max": _finite_or_none(stats.at[name, "max"]),
+                "missing": int(features[name].isna().sum()),
+            }
+            for name in features.columns
+        ],
+    }
+
+
+def table_digest(table: pd.DataFrame) -> str:
+    """Content digest of a table (names, dtypes, values, row ids), stable across file formats."""
+    digest = hashlib.sha256()
+    digest.update(repr([(str(c), str(t)) for c, t in table.dtypes.items()]).encode())
+    digest.update(pd.util.hash_pandas_object(table, index=True).to_numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def ingest(config: DataConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read, check and profile the configured source: the canonical table and its profile."""
+    canonical, non_finite = to_canonical(
+        read_source(config.source), config.label_column, config.non_finite
+    )
+    return canonical, profile(canonical, config.label_column, config.source, non_finite)
+
+
+def _header(path: Path) -> list[str]:
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as handle:
+            return next(csv.reader(handle), [])
+    import pyarrow.parquet as pq
+
+    try:
+        return list(pq.read_schema(path).names)
+    except Exception as exc:
+        raise DataError(f"{str(path)!r} is not a readable Parquet file: {exc}") from None
+
+
+def _read_file(path: Path) -> pd.DataFrame:
+    if path.suffix.lower() != ".csv":
+        return pd.read_parquet(path)
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{str(path)!r} holds no header and no rows") from None
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{str(path)!r} is not a well-formed CSV file: {exc}") from None
+
+
+def _numeric_features(features: pd.DataFrame) -> pd.DataFrame:
+    bad = [
+        name
+        for name, dtype in features.dtypes.items()
+        if not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))
+    ]
+    if bad:
+        examples = {
+            name: features[name].dropna().iloc[0] for name in bad[:3] if features[name].notna().any()
+        }
+        raise DataError(
+            f"{len(bad)} feature columns are not numeric: {_preview(bad)} (e.g. {examples}). "
+            "Encode them as numbers, or drop them before ingesting"
+        )
+    return features.astype("float64")
+
+
+def _labels(labels: pd.Series, label_column: str) -> pd.Series:
+    missing = int(labels.isna().sum())
+    if missing:
+        raise DataError(f"{missing} rows have no label in {label_column!r}; drop or label them")
+    if pd.api.types.is_float_dtype(labels) and (labels == labels.round()).all():
+        labels = labels.astype("int64")
+    n_classes = labels.nunique()
+    if n_classes < 2:
+        raise DataError(
+            f"label column {label_column!r} holds a single class ({labels.iloc[0]!r}); "
+            "a classifier needs at least two"
+        )
+    return labels
+
+
+def _non_finite_counts(features: pd.DataFrame) -> dict[str, int]:
+    mask = ~np.isfinite(features.to_numpy())
+    counts = mask.sum(axis=0)
+    return {name: int(n) for name, n in zip(features.columns, counts, strict=True) if n}
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _preview(names: Any, limit: int = 8) -> str:
+    names = [str(name) for name in names]
+    shown = ", ".join(names[:limit])
+    return f"{shown}, ... ({len(names)} in all)" if len(names) > limit else shown

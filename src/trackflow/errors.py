@@ -1,0 +1,23 @@
+"""Errors a user can act on: each message says what is wrong and how to fix it.
+
+Entry points turn these into a one-line message and a non-zero exit status instead of a traceback;
+anything else escaping a stage is a bug and keeps its traceback.
+"""
+
+
+class TrackflowError(Exception):
+    """Base class for errors caused by the user's input rather than by trackflow."""
+
+    exit_code = 1
+
+
+class ConfigError(TrackflowError):
+    """The params file (or an override of it) is invalid."""
+
+    exit_code = 2
+
+
+class DataError(TrackflowError):
+    """The data cannot be used as it is (missing, empty, malformed, too small)."""
+
+    exit_code = 3

@@ -1,0 +1,85 @@
+"""File I/O shared by the stages: tables, JSON, and all-or-nothing outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a table written by :func:`write_table` (its index holds the original row ids)."""
+    return pd.read_parquet(path)
+
+
+def write_table(frame: pd.DataFrame, path: str | Path) -> None:
+    """Write a table as Parquet, keeping its index (the row ids of the ingested dataset)."""
+    frame.to_parquet(path, index=True)
+
+
+def write_json(data: Any, path: str | Path) -> None:
+    """Write JSON with stable key order, so diffs of metrics and profiles stay readable."""
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file."""
+    return json.loads(Path(path).read_text())
+
+
+@contextmanager
+def atomic_outputs(*targets: str | Path) -> Iterator[tuple[Path, ...]]:
+    """Stage outputs in temporary places and move them onto ``targets`` only if the block succeeds.
+
+    The block receives one staging path per target, each next to its target (so the final move is
+    a rename on the same file system) and free to be written as a file or created as a directory.
+    If the block raises, every staging path is removed and the targets are left as they were, so
+    a failed stage never leaves partial outputs behind.
+
+    Yields:
+        The staging paths, in the order of ``targets``.
+    """
+    final = tuple(Path(target) for target in targets)
+    token = uuid.uuid4().hex[:8]
+    created = _missing_parents(final)
+    for parent in reversed(created):
+        parent.mkdir()
+    staging = tuple(path.with_name(f".{path.name}.tmp-{token}") for path in final)
+    try:
+        yield staging
+    except BaseException:
+        for path in staging:
+            _remove(path)
+        for parent in created:
+            if parent.exists() and not any(parent.iterdir()):
+                parent.rmdir()
+        raise
+    for source, target in zip(staging, final, strict=True):
+        _remove(target)
+        os.replace(source, target)
+
+
+def _missing_parents(paths: tuple[Path, ...]) -> list[Path]:
+    """Parents that do not exist yet, deepest first, without duplicates."""
+    missing: list[Path] = []
+    for path in paths:
+        for parent in path.absolute().parents:
+            if parent.exists():
+                break
+            if parent not in missing:
+                missing.append(parent)
+    return sorted(missing, key=lambda p: len(p.parts), reverse=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

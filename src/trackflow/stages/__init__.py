@@ -1,0 +1,59 @@
+"""Pipeline stages: thin entry points doing I/O around the library's pure functions.
+
+Each stage module offers ``add_arguments(parser)``, ``run(args)`` and ``main(argv)``, so it runs as
+``python -m trackflow.stages.<name>`` (how ``dvc.yaml`` calls it) or as ``trackflow <name>``. Every path
+comes from the command line; the params file is validated once, here, before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from trackflow.errors import TrackflowError
+
+STAGES = ("ingest", "split", "preprocess")
+
+log = logging.getLogger("trackflow")
+
+
+def add_params_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--params`` option every stage takes."""
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: %(default)s)"
+    )
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Plain, timestamped lines on stderr: readable under DVC, CI and a terminal alike."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def execute(run: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
+    """Run a stage; a user-caused error becomes one message on stderr and a non-zero status."""
+    try:
+        run(args)
+    except TrackflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def stage_main(
+    description: str | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], None],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """``main`` of a stage module run as ``python -m trackflow.stages.<name>``."""
+    parser = argparse.ArgumentParser(description=description)
+    add_arguments(parser)
+    configure_logging()
+    return execute(run, parser.parse_args(argv))

@@ -1,0 +1,53 @@
+"""Ingest: read the configured source into the canonical table and its profile.
+
+Writes ``<out>/dataset.parquet`` (features then label, index = row ids) and ``<out>/profile.json``
+(columns, dtypes, per-feature statistics, class counts, digest). Nothing is written if the data
+is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from trackflow.stages import add_params_argument, stage_main
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_params_argument(parser)
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+
+
+def run(args: argparse.Namespace) -> None:
+    from trackflow.config import load_params
+    from trackflow.data import ingest
+    from trackflow.io import atomic_outputs, write_json, write_table
+
+    params = load_params(args.params)
+    table, profile = ingest(params.data)
+    with atomic_outputs(args.out) as (staging,):
+        staging.mkdir()
+        write_table(table, staging / "dataset.parquet")
+        write_json(profile, staging / "profile.json")
+    log.info(
+        "ingested %s: %d rows, %d features, %d classes, digest %s -> %s",
+        profile["source"],
+        profile["n_rows"],
+        profile["n_features"],
+        len(profile["class_counts"]),
+        profile["digest"],
+        args.out,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main(__doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

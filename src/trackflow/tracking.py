@@ -1,0 +1,100 @@
+"""MLflow set-up, done by one explicit call: importing trackflow never touches a tracking store.
+
+Runs are addressed by an explicit ``run_id`` through an ``MlflowClient``, never through the fluent
+active run, which is per thread and would be lost between stages, tasks and processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trackflow.config import MlflowConfig
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+TAG_PREFIX = "trackflow."
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """A configured tracking store and the experiment runs go to."""
+
+    client: MlflowClient
+    tracking_uri: str
+    experiment_id: str
+
+
+def resolve_tracking_uri(config: MlflowConfig) -> str:
+    """``MLFLOW_TRACKING_URI`` from the environment if set, else the configured URI."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or config.tracking_uri
+
+
+def setup_tracking(config: MlflowConfig) -> Tracking:
+    """Point MLflow at the configured store and make sure the experiment exists.
+
+    A local SQLite store gets its folder created; a new experiment stores its artifacts under
+    ``config.artifact_location`` (made absolute, so runs read back from any working directory).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(config)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(config.experiment_name)
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+    else:
+        experiment_id = client.create_experiment(
+            config.experiment_name, artifact_location=_artifact_uri(config.artifact_location)
+        )
+    return Tracking(client=client, tracking_uri=uri, experiment_id=experiment_id)
+
+
+@contextmanager
+def tracked_run(tracking: Tracking, run_name: str, tags: dict[str, str]) -> Iterator[str]:
+    """Create a run and yield its id; it ends FINISHED, or FAILED if the block raises."""
+    run = tracking.client.create_run(tracking.experiment_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    try:
+        yield run_id
+    except BaseException:
+        tracking.client.set_terminated(run_id, status="FAILED")
+        raise
+    tracking.client.set_terminated(run_id, status="FINISHED")
+
+
+def log_params(tracking: Tracking, run_id: str, params: dict[str, Any]) -> None:
+    """Log many params in one call (one ``log_param`` costs a round trip each)."""
+    from mlflow.entities import Param
+
+    tracking.client.log_batch(
+        run_id, params=[Param(key, str(value)) for key, value in params.items()]
+    )
+
+
+def log_metrics(tracking: Tracking, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log many metrics in one call."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    tracking.client.log_batch(
+        run_id,
+        metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()],
+    )
+
+
+def _artifact_uri(location: str) -> str:
+    if "://" in location:
+        return location
+    return Path(location).absolute().as_uri()
