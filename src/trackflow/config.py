@@ -34,7 +34,7 @@ ClassLabel = Annotated[int | str, BeforeValidator(_check_class_label)]
 
 
 class MlflowConfig(_Section):
-    """Where runs are tracked. ``MLFLOW_TRACKING_URI`` in the environment overrides ``tracking_uri``."""
+    """Where runs are tracked; ``MLFLOW_TRACKING_URI`` in the environment overrides the URI."""
 
     tracking_uri: str = Field(
         "sqlite:///mlruns/mlflow.db",
@@ -79,7 +79,7 @@ class DataConfig(_Section):
         1.0,
         gt=0,
         le=1,
-        description="Fraction of the target training rows kept (stratified), to simulate few labels.",
+        description="Fraction of target training rows kept (stratified), to simulate few labels.",
     )
 
     @model_validator(mode="after")
@@ -239,15 +239,17 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 def _describe_error(error: Mapping[str, Any]) -> str:
     loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
-    where = ".".join(str(part) for part in loc) or "(top level)"
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+    where = where.removeprefix(".") or "(top level)"
     if error["type"] == "extra_forbidden":
         allowed = sorted(_model_at(loc[:-1]).model_fields)
         hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        guess = f"; did you mean {hint[0]!r}?" if hint else ""
+        guess = f" (did you mean {hint[0]!r}?)" if hint else ""
         section = ".".join(str(part) for part in loc[:-1]) or "the top level"
-        return f"unknown key {where!r}{guess} Allowed keys in {section}: {', '.join(allowed)}"
-    message = error["msg"].removeprefix("Value error, ")
-    return f"{where}: {message} (got {error['input']!r})"
+        return f"unknown key {where!r}{guess}; allowed keys in {section}: {', '.join(allowed)}"
+    if error["type"] == "value_error":  # our own validators' messages already quote the value
+        return f"{where}: {error['msg'].removeprefix('Value error, ')}"
+    return f"{where}: {error['msg']} (got {error['input']!r})"
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:

@@ -27,7 +27,9 @@ BUILTIN_LABEL_COLUMN = "target"
 def load_bundled(name: str) -> pd.DataFrame:
     """One of scikit-learn's bundled datasets as a table; its label column is ``target``."""
     if name not in BUILTIN_DATASETS:
-        raise DataError(f"unknown bundled dataset {name!r}; use one of {', '.join(BUILTIN_DATASETS)}")
+        raise DataError(
+            f"unknown bundled dataset {name!r}; use one of {', '.join(BUILTIN_DATASETS)}"
+        )
     from sklearn import datasets
 
     return getattr(datasets, f"load_{name}")(as_frame=True).frame
@@ -92,8 +94,9 @@ def to_canonical(
     counts = _non_finite_counts(features)
     if counts and non_finite == "fail":
         raise DataError(
-            f"{sum(counts.values())} NaN/inf values in features {_preview(counts)}. Clean the data, "
-            "or set data.non_finite: impute to fill them with the training rows' median"
+            f"{sum(counts.values())} NaN/inf values in features {_preview(counts)}. "
+            "Clean the data, or set data.non_finite: impute to fill them with the training rows' "
+            "median"
         )
     if counts:
         log.warning(
@@ -185,7 +188,9 @@ def _numeric_features(features: pd.DataFrame) -> pd.DataFrame:
     ]
     if bad:
         examples = {
-            name: features[name].dropna().iloc[0] for name in bad[:3] if features[name].notna().any()
+            name: features[name].dropna().iloc[0]
+            for name in bad[:3]
+            if features[name].notna().any()
         }
         raise DataError(
             f"{len(bad)} feature columns are not numeric: {_preview(bad)} (e.g. {examples}). "

@@ -100,7 +100,7 @@ def variance_spectrum(preprocessor: Pipeline, features: pd.DataFrame) -> pd.Data
     Computed whether or not PCA is on, so the scree plot shows what each ``n_components`` keeps.
 
     Returns:
-        One row per component: ``component`` (1-based), ``explained_variance_ratio``, ``cumulative``.
+        One row per component: ``component`` (from 1), ``explained_variance_ratio``, ``cumulative``.
     """
     from sklearn.decomposition import PCA
 
@@ -136,15 +136,32 @@ def plot_spectrum(spectrum: pd.DataFrame, n_kept: int, path: str | Path) -> None
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
-    ax.bar(spectrum["component"], spectrum["explained_variance_ratio"], color="#8fb3d9",
-           label="per component")
-    ax.plot(spectrum["component"], spectrum["cumulative"], color="#1f4e79", marker=".",
-            label="cumulative")
+    ax.bar(
+        spectrum["component"],
+        spectrum["explained_variance_ratio"],
+        color="#8fb3d9",
+        label="per component",
+    )
+    ax.plot(
+        spectrum["component"],
+        spectrum["cumulative"],
+        color="#1f4e79",
+        marker=".",
+        label="cumulative",
+    )
     kept = spectrum["cumulative"].iloc[n_kept - 1]
-    ax.axvline(n_kept + 0.5, color="#c0392b", linestyle="--",
-               label=f"kept: {n_kept} components, {kept:.1%} of variance")
-    ax.set(xlabel="principal component", ylabel="fraction of variance explained", ylim=(0, 1.02),
-           title="PCA spectrum of the scaled training features")
+    ax.axvline(
+        n_kept + 0.5,
+        color="#c0392b",
+        linestyle="--",
+        label=f"kept: {n_kept} components, {kept:.1%} of variance",
+    )
+    ax.set(
+        xlabel="principal component",
+        ylabel="fraction of variance explained",
+        ylim=(0, 1.02),
+        title="PCA spectrum of the scaled training features",
+    )
     ax.legend(loc="center right")
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -30,7 +30,7 @@ def resolve_tasks(labels: pd.Series, config: DataConfig) -> dict[str, list[Hasha
     Raises:
         DataError: A listed class is absent from the data, or a task has fewer than two classes.
     """
-    present = sorted(labels.unique(), key=str)
+    present = sorted(labels.unique().tolist(), key=str)
     by_text = {str(label): label for label in present}
 
     def find(listed: Sequence[Any], key: str) -> list[Hashable]:
@@ -65,8 +65,9 @@ def check_split_size(labels: pd.Series, config: SplitConfig) -> None:
     n_rows, n_classes = len(labels), len(counts)
     scarce = counts[counts < len(SPLITS)]
     if not scarce.empty:
+        listed = ", ".join(f"{label} ({count} rows)" for label, count in scarce.items())
         raise DataError(
-            f"classes {dict(scarce)} have fewer than {len(SPLITS)} rows; a stratified "
+            f"classes {listed} have fewer than {len(SPLITS)} rows; a stratified "
             "train/val/test split needs at least one row of every class in each split"
         )
     n_test = math.ceil(config.test_fraction * n_rows)

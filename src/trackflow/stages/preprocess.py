@@ -54,11 +54,15 @@ def run(args: argparse.Namespace) -> None:
     spectrum = variance_spectrum(preprocessor, features)
     metrics = variance_metrics(preprocessor) | {"n_fit_rows": len(features)}
     tracking = setup_tracking(params.base.mlflow)
-    tags = {TAG_PREFIX + "stage": "preprocess", TAG_PREFIX + "data_digest": summary["dataset_digest"]}
+    tags = {
+        TAG_PREFIX + "stage": "preprocess",
+        TAG_PREFIX + "data_digest": summary["dataset_digest"],
+    }
     outputs = (args.out, args.preprocessor, args.metrics, args.plots)
-    with atomic_outputs(*outputs) as (out, model, metrics_file, plots), tracked_run(
-        tracking, "preprocess", tags
-    ) as run_id:
+    with (
+        atomic_outputs(*outputs) as (out, model, metrics_file, plots),
+        tracked_run(tracking, "preprocess", tags) as run_id,
+    ):
         out.mkdir()
         plots.mkdir()
         for name, part in parts.items():
@@ -73,8 +77,12 @@ def run(args: argparse.Namespace) -> None:
     log.info(
         "preprocessor fitted on %d %s training rows: %d features -> %d components "
         "(%.1f%% of variance); MLflow run %s",
-        len(features), params.preprocess.fit_on, metrics["n_features_in"],
-        metrics["n_components"], 100 * metrics["explained_variance"], run_id,
+        len(features),
+        params.preprocess.fit_on,
+        metrics["n_features_in"],
+        metrics["n_components"],
+        100 * metrics["explained_variance"],
+        run_id,
     )
 
 

@@ -40,8 +40,12 @@ def run(args: argparse.Namespace) -> None:
         for name, part in parts.items():
             write_table(part, staging / f"{name}.parquet")
         write_json(summary, staging / "summary.json")
-    log.info("split %d rows: %s -> %s", len(table),
-             ", ".join(f"{name} {len(part)}" for name, part in parts.items()), args.out)
+    log.info(
+        "split %d rows: %s -> %s",
+        len(table),
+        ", ".join(f"{name} {len(part)}" for name, part in parts.items()),
+        args.out,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,55 @@
+"""Shared fixtures: every test runs in its own folder with its own MLflow store."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from trackflow.config import set_dotted
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in ``tmp_path`` with a fresh SQLite MLflow store there: nothing touches the checkout."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    for variable in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
+        monkeypatch.setenv(variable, "trackflow tests")
+    for variable in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.setenv(variable, "tests@trackflow.invalid")
+    return tmp_path
+
+
+@pytest.fixture
+def write_params(tmp_path: Path) -> Callable[..., Path]:
+    """Write the repository's ``params.yaml`` with dotted overrides applied; return its path."""
+
+    def write(overrides: dict[str, Any] | None = None, name: str = "params.yaml") -> Path:
+        raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+        for key, value in (overrides or {}).items():
+            set_dotted(raw, key, value)
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    return write
+
+
+def copy_project(destination: Path) -> None:
+    """Copy what a pipeline run needs (code, dvc.yaml, params, DVC config) into ``destination``."""
+    for name in ("src", "data/raw", ".dvc/config", "dvc.yaml", "params.yaml", ".gitignore"):
+        source = REPO_ROOT / name
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import json
+
+import pydantic
+import pytest
+
+from tests.conftest import REPO_ROOT
+from trackflow.cli import main as cli
+from trackflow.config import Params, flatten_params, load_params, validate_params
+from trackflow.errors import ConfigError
+
+
+def test_repository_params_are_valid_and_spell_out_every_default() -> None:
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert params == Params()  # params.yaml documents the defaults, no more, no less
+
+
+def test_params_are_frozen() -> None:
+    params = Params()
+    with pytest.raises(pydantic.ValidationError):
+        params.base.seed = 7  # type: ignore[misc]
+
+
+def test_unknown_key_is_named_with_a_suggestion_and_the_allowed_keys() -> None:
+    with pytest.raises(ConfigError) as error:
+        validate_params({"preprocess": {"pca": {"n_componets": 8}}})
+    message = str(error.value)
+    assert "unknown key 'preprocess.pca.n_componets'" in message
+    assert "(did you mean 'n_components'?)" in message
+    assert "allowed keys in preprocess.pca: n_components, whiten" in message
+
+
+def test_unknown_section_lists_the_sections() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown key 'trian'; allowed keys in the top level: base, data, preprocess, split",
+    ):
+        validate_params({"trian": {}})
+
+
+def test_bad_choice_names_the_allowed_values() -> None:
+    with pytest.raises(ConfigError) as error:
+        validate_params({"preprocess": {"scaler": "std"}})
+    message = str(error.value)
+    assert "preprocess.scaler" in message
+    assert "'standard', 'minmax' or 'none'" in message
+    assert "'std'" in message
+
+
+@pytest.mark.parametrize(("value", "kind"), [(16, int), (0.9, float), (None, type(None))])
+def test_pca_components_accept_int_fraction_or_null(value: object, kind: type) -> None:
+    n_components = validate_params({"preprocess": {"pca": {"n_components": value}}}).preprocess
+    assert type(n_components.pca.n_components) is kind
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.0, 1.5, "many", True])
+def test_pca_components_refuse_other_values(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"preprocess\.pca\.n_components"):
+        validate_params({"preprocess": {"pca": {"n_components": value}}})
+
+
+def test_classes_in_both_tasks_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"classes \[4\] are in both"):
+        validate_params({"data": {"source_classes": [0, 4], "target_classes": [4, 5]}})
+
+
+def test_split_fractions_must_leave_training_rows() -> None:
+    with pytest.raises(ConfigError, match="leaves no training rows"):
+        validate_params({"split": {"val_fraction": 0.5, "test_fraction": 0.5}})
+
+
+@pytest.mark.parametrize("source", ["sklearn:mnist", "data/raw/table.xlsx"])
+def test_unknown_source_kind_is_refused(source: str) -> None:
+    with pytest.raises(ConfigError, match=r"^params is invalid:\n  data: "):
+        validate_params({"data": {"source": source}})
+
+
+def test_missing_and_malformed_files_are_config_errors(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_overrides_apply_before_validation(write_params) -> None:
+    path = write_params()
+    params = load_params(path, {"preprocess.pca.n_components": 8, "base.seed": 1})
+    assert params.preprocess.pca.n_components == 8
+    assert params.base.seed == 1
+    with pytest.raises(ConfigError, match=r"unknown key 'preprocess\.pca\.whitening'"):
+        load_params(path, {"preprocess.pca.whitening": True})
+
+
+def test_flattened_params_use_dotted_keys() -> None:
+    flat = flatten_params(Params())
+    assert flat["preprocess.pca.n_components"] == 0.95
+    assert flat["base.mlflow.experiment_name"] == "trackflow"
+    assert flat["data.source_classes"] == [0, 1, 2, 3, 4]
+
+
+def test_cli_prints_the_schema(capsys) -> None:
+    assert cli(["params", "--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert set(schema["properties"]) == {"base", "data", "split", "preprocess"}
+    assert schema["additionalProperties"] is False
+
+
+def test_cli_reports_a_bad_params_file_with_exit_code_2(write_params, capsys) -> None:
+    path = write_params({"split.test_fraction": "a lot"})
+    assert cli(["params", "--params", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "split.test_fraction" in err
+    assert "Traceback" not in err

@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from trackflow.data import load_bundled, table_digest
+from trackflow.io import read_json, read_table
+from trackflow.stages.ingest import main as ingest
+
+
+def run_ingest(write_params, tmp_path: Path, **overrides) -> int:
+    params = write_params({f"data.{key}": value for key, value in overrides.items()})
+    return ingest(["--params", str(params), "--out", str(tmp_path / "out")])
+
+
+def tiny_table(n_rows: int = 30) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(n_rows, 3)), columns=["a", "b", "c"])
+    frame["label"] = np.arange(n_rows) % 3
+    return frame
+
+
+def test_default_source_is_scikit_learns_digits(write_params, tmp_path) -> None:
+    assert run_ingest(write_params, tmp_path) == 0
+    table = read_table(tmp_path / "out/dataset.parquet")
+    profile = read_json(tmp_path / "out/profile.json")
+    assert table.shape == (1797, 65)
+    assert list(table.columns[:2]) == ["pixel_0_0", "pixel_0_1"]
+    assert table.columns[-1] == "target"
+    assert (table.dtypes.iloc[:-1] == "float64").all()
+    assert profile["n_rows"] == 1797 and profile["n_features"] == 64
+    assert sum(profile["class_counts"].values()) == 1797 and len(profile["class_counts"]) == 10
+    assert profile["digest"] == table_digest(table)
+    assert profile["features"][0] == {
+        "name": "pixel_0_0",
+        "dtype": "float64",
+        "mean": 0.0,
+        "std": 0.0,
+        "min": 0.0,
+        "max": 0.0,
+        "missing": 0,
+    }
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_users_table_gives_the_same_canonical_data(write_params, tmp_path, suffix) -> None:
+    path = tmp_path / f"digits{suffix}"
+    digits = load_bundled("digits")
+    digits.to_csv(path, index=False) if suffix == ".csv" else digits.to_parquet(path)
+    assert run_ingest(write_params, tmp_path, source=str(path)) == 0
+    from_file = read_json(tmp_path / "out/profile.json")
+    assert run_ingest(write_params, tmp_path) == 0
+    assert from_file["digest"] == read_json(tmp_path / "out/profile.json")["digest"]
+
+
+def test_label_column_is_configurable(write_params, tmp_path) -> None:
+    frame = tiny_table().rename(columns={"label": "species"})
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    assert (
+        run_ingest(write_params, tmp_path, source=str(tmp_path / "t.csv"), label_column="species")
+        == 0
+    )
+    assert read_table(tmp_path / "out/dataset.parquet").columns[-1] == "species"
+
+
+def _write(tmp_path: Path, content: str | pd.DataFrame, name: str = "bad.csv") -> Path:
+    path = tmp_path / name
+    if isinstance(content, str):
+        path.write_text(content)
+    elif name.endswith(".csv"):
+        content.to_csv(path, index=False)
+    else:
+        content.to_parquet(path, index=False)
+    return path
+
+
+def _with(column: str, values: object) -> pd.DataFrame:
+    frame = tiny_table()
+    frame[column] = values
+    return frame
+
+
+BAD_INPUTS = {
+    "missing file": (None, "does not exist"),
+    "empty file": ("", "is empty"),
+    "header only": ("a,b,label\n", "has no rows"),
+    "label column absent": (
+        tiny_table().rename(columns={"label": "labels"}),
+        "label column 'label' is not in the table.*Did you mean 'labels'",
+    ),
+    "non-numeric feature": (_with("b", "x"), "1 feature columns are not numeric: b"),
+    "NaN in a feature": (_with("a", [np.nan] + [1.0] * 29), "1 NaN/inf values in features a"),
+    "inf in a feature": (_with("c", [np.inf] * 2 + [1.0] * 28), "2 NaN/inf values in features c"),
+    "missing label": (_with("label", [np.nan] + [1.0] * 29), "1 rows have no label"),
+    "single class": (_with("label", 0), "holds a single class"),
+    "duplicate column names": ("a,a,label\n1,2,0\n3,4,1\n", r"duplicate column names \['a'\]"),
+    "no feature columns": (tiny_table()[["label"]], "no feature columns"),
+    "malformed parquet": ("not parquet at all", "not a readable Parquet file"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_fails_clearly_and_writes_nothing(write_params, tmp_path, capsys, case) -> None:
+    content, message = BAD_INPUTS[case]
+    name = "bad.parquet" if "parquet" in case else "bad.csv"
+    path = tmp_path / name if content is None else _write(tmp_path, content, name)
+    assert run_ingest(write_params, tmp_path, source=str(path), label_column="label") == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_duplicate_columns_in_parquet_are_refused(write_params, tmp_path, capsys) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table([[1.0, 2.0], [3.0, 4.0], [0, 1]], names=["a", "a", "label"])
+    pq.write_table(table, tmp_path / "dup.parquet")
+    code = run_ingest(
+        write_params, tmp_path, source=str(tmp_path / "dup.parquet"), label_column="label"
+    )
+    assert code == 3 and "duplicate column names ['a']" in capsys.readouterr().err
+
+
+def test_failure_keeps_the_previous_outputs(write_params, tmp_path) -> None:
+    assert run_ingest(write_params, tmp_path) == 0
+    before = (tmp_path / "out/dataset.parquet").read_bytes()
+    assert run_ingest(write_params, tmp_path, source=str(tmp_path / "gone.csv")) == 3
+    assert (tmp_path / "out/dataset.parquet").read_bytes() == before
+
+
+def test_impute_keeps_non_finite_values_as_nan_and_counts_them(write_params, tmp_path) -> None:
+    frame = _with("a", [np.nan, np.inf, -np.inf] + [1.0] * 27)
+    path = _write(tmp_path, frame)
+    assert (
+        run_ingest(
+            write_params, tmp_path, source=str(path), label_column="label", non_finite="impute"
+        )
+        == 0
+    )
+    table = read_table(tmp_path / "out/dataset.parquet")
+    assert table["a"].isna().sum() == 3
+    assert read_json(tmp_path / "out/profile.json")["non_finite_values"] == {"a": 3}
+
+
+def test_module_entry_point_exits_non_zero_without_a_traceback(write_params, tmp_path) -> None:
+    params = write_params({"data.source": str(tmp_path / "absent.csv")})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trackflow.stages.ingest",
+            "--params",
+            str(params),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 3
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,113 @@
+"""The pipeline under real DVC, in a temporary git repository."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import copy_project
+from trackflow.io import read_json
+
+pytestmark = pytest.mark.slow
+
+OUTPUTS = (
+    "data/ingested/dataset.parquet",
+    "data/split/target_train.parquet",
+    "data/processed/target_test.parquet",
+    "models/preprocessor.joblib",
+    "metrics/preprocess.json",
+    "plots/preprocess/scree.png",
+)
+
+
+def sh(*args: str, cwd: Path) -> str:
+    """Run a command with the test interpreter's environment first on PATH; return its output."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI")  # the stages use the params' store, inside the repository
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def ran(output: str) -> list[str]:
+    return [
+        stage for stage in ("ingest", "split", "preprocess") if f"Running stage '{stage}'" in output
+    ]
+
+
+def edit_params(repo: Path, **changes: object) -> None:
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        node = raw[section]
+        for part in name.split("__")[:-1]:
+            node = node[part]
+        node[name.split("__")[-1]] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sh("git", "init", "-q", cwd=repo)
+    sh("dvc", "init", "-q", cwd=repo)
+    copy_project(repo)  # with the project's .dvc/config, naming its default remote
+    sh("dvc", "remote", "modify", "--local", "local", "url", str(tmp_path / "remote"), cwd=repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "project", cwd=repo)
+    return repo
+
+
+def test_repro_skips_unchanged_stages_and_reruns_from_what_changed(repo: Path) -> None:
+    assert ran(sh("dvc", "repro", cwd=repo)) == ["ingest", "split", "preprocess"]
+    assert all((repo / path).exists() for path in OUTPUTS)
+    assert (repo / "mlruns/mlflow.db").exists()
+
+    again = sh("dvc", "repro", cwd=repo)
+    assert ran(again) == [] and "Data and pipelines are up to date" in again
+
+    edit_params(repo, preprocess__pca__n_components=8)
+    assert ran(sh("dvc", "repro", cwd=repo)) == ["preprocess"]
+    assert read_json(repo / "metrics/preprocess.json")["n_components"] == 8
+    metrics = sh("dvc", "metrics", "show", "--json", cwd=repo)
+    assert '"n_components": 8' in metrics
+
+
+def test_push_then_pull_restores_the_data_in_a_fresh_clone(repo: Path, tmp_path: Path) -> None:
+    sh("dvc", "repro", cwd=repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "pipeline results", cwd=repo)
+    sh("dvc", "push", cwd=repo)
+
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    sh("dvc", "remote", "modify", "--local", "local", "url", str(tmp_path / "remote"), cwd=clone)
+    assert not (clone / OUTPUTS[0]).exists()
+    sh("dvc", "pull", cwd=clone)
+    for path in OUTPUTS:
+        assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
+    assert "up to date" in sh("dvc", "status", cwd=clone)
+
+
+def test_a_users_csv_runs_through_by_changing_params_only(repo: Path) -> None:
+    sh("trackflow", "example-data", "breast_cancer", "data/raw/breast_cancer.csv", cwd=repo)
+    sh("dvc", "add", "data/raw/breast_cancer.csv", cwd=repo)
+    edit_params(
+        repo,
+        data__source="data/raw/breast_cancer.csv",
+        data__source_classes=None,
+        data__target_classes=None,
+        preprocess__pca__n_components=0.9,
+    )
+    assert ran(sh("dvc", "repro", cwd=repo)) == ["ingest", "split", "preprocess"]
+    profile = read_json(repo / "data/ingested/profile.json")
+    assert profile["n_rows"] == 569 and profile["n_features"] == 30
+    assert profile["class_counts"] == {"0": 212, "1": 357}
+    assert read_json(repo / "metrics/preprocess.json")["explained_variance"] >= 0.9
+    assert not (repo / "data/split/source_train.parquet").exists()

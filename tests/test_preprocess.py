@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.decomposition import PCA
+
+from trackflow.config import DataConfig, PreprocessConfig, SplitConfig
+from trackflow.data import load_bundled, to_canonical
+from trackflow.errors import ConfigError
+from trackflow.io import read_json, read_table
+from trackflow.preprocessing import (
+    fit_preprocessor,
+    training_features,
+    transform_table,
+    variance_metrics,
+)
+from trackflow.split import split_table
+from trackflow.stages.ingest import main as ingest
+from trackflow.stages.preprocess import main as preprocess
+from trackflow.stages.split import main as split
+
+LABEL = "target"
+
+
+@pytest.fixture(scope="module")
+def parts() -> dict[str, pd.DataFrame]:
+    digits = to_canonical(load_bundled("digits"), LABEL)[0]
+    return split_table(digits, LABEL, DataConfig(), SplitConfig(), seed=0)
+
+
+def config(**pca: object) -> PreprocessConfig:
+    return PreprocessConfig(pca=pca or {"n_components": None})
+
+
+@pytest.mark.parametrize(
+    ("fit_on", "parts_used"),
+    [
+        ("target", ["target_train"]),
+        ("source", ["source_train"]),
+        ("both", ["source_train", "target_train"]),
+    ],
+)
+def test_statistics_come_from_the_training_rows_alone(parts, fit_on, parts_used) -> None:
+    features = training_features(parts, fit_on, LABEL)
+    expected = pd.concat([parts[name] for name in parts_used]).drop(columns=LABEL)
+    pd.testing.assert_frame_equal(features, expected)
+    fitted = fit_preprocessor(features, config(n_components=10), impute=False, seed=0)
+    scaler = fitted.named_steps["scale"]
+    np.testing.assert_allclose(scaler.mean_, expected.mean().to_numpy())
+    np.testing.assert_allclose(
+        scaler.scale_, np.where(expected.std(ddof=0) > 0, expected.std(ddof=0), 1.0)
+    )
+    reference = PCA(n_components=10, random_state=0).fit(scaler.transform(expected))
+    np.testing.assert_allclose(
+        np.abs(fitted.named_steps["pca"].components_), np.abs(reference.components_), atol=1e-8
+    )
+
+
+@pytest.mark.parametrize(("n_components", "expected_width"), [(12, 12), (None, 64)])
+def test_n_components_as_int_or_null(parts, n_components, expected_width) -> None:
+    features = training_features(parts, "both", LABEL)
+    fitted = fit_preprocessor(features, config(n_components=n_components), False, 0)
+    out = transform_table(fitted, parts["target_test"], LABEL)
+    assert out.shape == (len(parts["target_test"]), expected_width + 1)
+    assert out.index.equals(parts["target_test"].index)
+    assert out[LABEL].equals(parts["target_test"][LABEL])
+
+
+def test_n_components_as_fraction_keeps_that_much_variance(parts) -> None:
+    features = training_features(parts, "both", LABEL)
+    fitted = fit_preprocessor(features, config(n_components=0.8), False, 0)
+    metrics = variance_metrics(fitted)
+    assert metrics["explained_variance"] >= 0.8
+    fewer = fit_preprocessor(features, config(n_components=metrics["n_components"] - 1), False, 0)
+    assert variance_metrics(fewer)["explained_variance"] < 0.8
+    assert list(transform_table(fitted, parts["target_val"], LABEL).columns[:2]) == ["pca0", "pca1"]
+
+
+def test_scaler_choices(parts) -> None:
+    features = training_features(parts, "target", LABEL)
+    minmax = fit_preprocessor(
+        features, PreprocessConfig(scaler="minmax", pca={"n_components": None}), False, 0
+    )
+    scaled = minmax.transform(features)
+    assert scaled.min().min() == 0 and scaled.max().max() == 1
+    raw = fit_preprocessor(
+        features, PreprocessConfig(scaler="none", pca={"n_components": None}), False, 0
+    )
+    pd.testing.assert_frame_equal(raw.transform(features), features)
+
+
+def test_too_many_components_is_a_config_error(parts) -> None:
+    with pytest.raises(ConfigError, match=r"n_components=65 exceeds .* use at most 64"):
+        fit_preprocessor(training_features(parts, "both", LABEL), config(n_components=65), False, 0)
+
+
+def test_fit_on_source_without_a_source_task_is_refused(parts) -> None:
+    target_only = {k: v for k, v in parts.items() if k.startswith("target")}
+    with pytest.raises(ConfigError, match="fit_on='source' but there is no source task"):
+        training_features(target_only, "source", LABEL)
+
+
+def test_imputation_uses_the_training_median(parts) -> None:
+    features = training_features(parts, "target", LABEL).copy()
+    features.iloc[:5, 10] = np.nan
+    fitted = fit_preprocessor(
+        features, PreprocessConfig(scaler="none", pca={"n_components": None}), impute=True, seed=0
+    )
+    row = features.iloc[[0]]
+    assert fitted.transform(row).iloc[0, 10] == features.iloc[:, 10].median()
+
+
+def run_stages(params: Path, root: Path) -> int:
+    for stage, argv in (
+        (ingest, ["--out", "ingested"]),
+        (split, ["--dataset", "ingested/dataset.parquet", "--out", "split"]),
+        (
+            preprocess,
+            [
+                "--splits",
+                "split",
+                "--out",
+                "processed",
+                "--preprocessor",
+                "models/preprocessor.joblib",
+                "--metrics",
+                "metrics/preprocess.json",
+                "--plots",
+                "plots",
+            ],
+        ),
+    ):
+        code = stage(["--params", str(params), *argv])
+        if code:
+            return code
+    return 0
+
+
+def test_stage_writes_outputs_and_tracks_them_in_mlflow(write_params, tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    assert run_stages(write_params({"preprocess.pca.n_components": 20}), tmp_path) == 0
+    metrics = read_json(tmp_path / "metrics/preprocess.json")
+    assert metrics["n_components"] == 20 and metrics["n_features_in"] == 64
+    assert 0 < metrics["explained_variance"] < 1
+    processed = read_table(tmp_path / "processed/target_test.parquet")
+    assert processed.shape[1] == 21
+    fitted = joblib.load(tmp_path / "models/preprocessor.joblib")
+    test_rows = read_table(tmp_path / "split/target_test.parquet")
+    np.testing.assert_allclose(
+        fitted.transform(test_rows.drop(columns=LABEL)), processed.drop(columns=LABEL)
+    )
+    spectrum = pd.read_csv(tmp_path / "plots/explained_variance.csv")
+    assert spectrum["cumulative"].iloc[19] == pytest.approx(metrics["explained_variance"])
+    assert (tmp_path / "plots/scree.png").read_bytes()[:4] == b"\x89PNG"
+
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("trackflow").experiment_id])
+    digest = read_json(tmp_path / "ingested/profile.json")["digest"]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["trackflow.data_digest"] == digest
+    assert run.data.params["preprocess.pca.n_components"] == "20"
+    assert run.data.metrics["preprocess/explained_variance"] == pytest.approx(
+        metrics["explained_variance"]
+    )
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "preprocess")}
+    assert artifacts == {"preprocess/explained_variance.csv", "preprocess/scree.png"}
+
+
+def test_stage_failure_leaves_no_outputs_and_no_run(write_params, tmp_path, capsys) -> None:
+    params = write_params({"preprocess.pca.n_components": 500})
+    assert run_stages(params, tmp_path) == 2
+    assert "exceeds" in capsys.readouterr().err
+    for name in ("processed", "models", "metrics", "plots"):
+        assert not (tmp_path / name).exists(), name
+    assert not list(tmp_path.glob(".*.tmp-*"))
+    assert not (tmp_path / "mlruns").exists()

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from trackflow.config import DataConfig, SplitConfig
+from trackflow.data import load_bundled, to_canonical
+from trackflow.errors import DataError
+from trackflow.io import read_json, read_table
+from trackflow.split import split_table
+from trackflow.stages.split import main as split_stage
+
+LABEL = "target"
+
+
+@pytest.fixture(scope="module")
+def digits() -> pd.DataFrame:
+    return to_canonical(load_bundled("digits"), LABEL)[0]
+
+
+def split(table: pd.DataFrame, seed: int = 0, **data: object) -> dict[str, pd.DataFrame]:
+    return split_table(table, LABEL, DataConfig(**data), SplitConfig(), seed)
+
+
+def test_parts_are_disjoint_and_cover_every_row(digits) -> None:
+    parts = split(digits)
+    ids = [set(part.index) for part in parts.values()]
+    assert sum(map(len, ids)) == len(digits) == len(set().union(*ids))
+
+
+def test_tasks_hold_their_classes_only(digits) -> None:
+    parts = split(digits)
+    assert sorted(parts) == [
+        f"{t}_{s}" for t in ("source", "target") for s in ("test", "train", "val")
+    ]
+    for name, part in parts.items():
+        expected = set(range(5)) if name.startswith("source") else set(range(5, 10))
+        assert set(part[LABEL]) == expected
+
+
+def test_split_is_stratified(digits) -> None:
+    parts = split(digits)
+    overall = digits[LABEL].value_counts(normalize=True)
+    for task, classes in (("source", range(5)), ("target", range(5, 10))):
+        share = overall[list(classes)] / overall[list(classes)].sum()
+        for name in ("train", "val", "test"):
+            observed = parts[f"{task}_{name}"][LABEL].value_counts(normalize=True)
+            np.testing.assert_allclose(observed[share.index], share, atol=0.02)
+    sizes = {name: len(part) for name, part in parts.items()}
+    assert sizes["target_test"] / (
+        sizes["target_train"] + sizes["target_val"] + sizes["target_test"]
+    ) == pytest.approx(0.15, abs=0.01)
+
+
+def test_same_seed_same_split_other_seed_other_split(digits) -> None:
+    first, again, other = split(digits, seed=1), split(digits, seed=1), split(digits, seed=2)
+    assert all(first[k].index.equals(again[k].index) for k in first)
+    assert not first["target_test"].index.equals(other["target_test"].index)
+
+
+def test_without_source_classes_everything_is_the_target_task(digits) -> None:
+    parts = split(digits, source_classes=None, target_classes=None)
+    assert sorted(parts) == ["target_test", "target_train", "target_val"]
+    assert set(parts["target_train"][LABEL]) == set(range(10))
+
+
+def test_target_defaults_to_the_classes_not_in_the_source(digits) -> None:
+    parts = split(digits, source_classes=[0, 1], target_classes=None)
+    assert set(parts["target_val"][LABEL]) == set(range(2, 10))
+
+
+def test_target_train_fraction_keeps_a_stratified_subset(digits) -> None:
+    full, few = split(digits), split(digits, target_train_fraction=0.1)
+    kept = few["target_train"]
+    assert len(kept) == int(0.1 * len(full["target_train"]))
+    assert set(kept.index) <= set(full["target_train"].index)
+    assert kept[LABEL].value_counts().min() >= 5
+    assert few["target_test"].index.equals(full["target_test"].index)  # test rows untouched
+
+
+def test_class_labels_match_across_int_and_str() -> None:
+    table = pd.DataFrame({"x": np.arange(60.0), LABEL: [f"{i % 4}" for i in range(60)]})
+    parts = split(table, source_classes=[0, 1], target_classes=[2, 3])
+    assert set(parts["source_train"][LABEL]) == {"0", "1"}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"source_classes": [0, 11]},
+            r"data.source_classes lists \[11\], absent from the data; its classes are \[0, 1,",
+        ),
+        ({"source_classes": [0], "target_classes": [1, 2]}, "source task has 1 class"),
+        ({"source_classes": None, "target_classes": [3]}, "target task has 1 class"),
+        ({"target_train_fraction": 0.001}, "keeps 0 of .* fewer than its 5 classes"),
+    ],
+)
+def test_impossible_tasks_are_refused(digits, data, message) -> None:
+    with pytest.raises(DataError, match=message):
+        split(digits, **data)
+
+
+def test_too_few_rows_for_the_split_is_refused() -> None:
+    table = pd.DataFrame({"x": np.arange(12.0), LABEL: np.arange(12) % 4})
+    with pytest.raises(DataError, match=r"12 rows are too few .* at least 27 rows"):
+        split(table, source_classes=None, target_classes=None)
+
+
+def test_classes_with_fewer_than_three_rows_are_refused() -> None:
+    table = pd.DataFrame({"x": np.arange(41.0), LABEL: [0] * 20 + [1] * 19 + [2] * 2})
+    with pytest.raises(DataError, match=r"classes 2 \(2 rows\) have fewer than 3 rows"):
+        split(table, source_classes=None, target_classes=None)
+
+
+def test_stage_writes_parts_and_summary(write_params, tmp_path, digits) -> None:
+    digits.to_parquet(tmp_path / "dataset.parquet")
+    code = split_stage(
+        [
+            "--params",
+            str(write_params()),
+            "--dataset",
+            str(tmp_path / "dataset.parquet"),
+            "--out",
+            str(tmp_path / "split"),
+        ]
+    )
+    assert code == 0
+    summary = read_json(tmp_path / "split/summary.json")
+    assert summary["parts"]["target_test"]["rows"] == len(
+        read_table(tmp_path / "split/target_test.parquet")
+    )
+    assert len(summary["dataset_digest"]) == 16
+
+
+def test_stage_refuses_too_small_data_and_writes_nothing(write_params, tmp_path, capsys) -> None:
+    table = pd.DataFrame({"x": np.arange(12.0), LABEL: np.arange(12) % 4})
+    table.to_parquet(tmp_path / "dataset.parquet")
+    params = write_params({"data.source_classes": None, "data.target_classes": None})
+    code = split_stage(
+        [
+            "--params",
+            str(params),
+            "--dataset",
+            str(tmp_path / "dataset.parquet"),
+            "--out",
+            str(tmp_path / "split"),
+        ]
+    )
+    assert code == 3 and "too few" in capsys.readouterr().err
+    assert not (tmp_path / "split").exists()
