@@ -114,3 +114,12 @@ def test_cli_reports_a_bad_params_file_with_exit_code_2(write_params, capsys) ->
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "split.test_fraction" in err
     assert "Traceback" not in err
+
+
+def test_cli_lists_the_stage_commands(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("ingest", "split", "preprocess", "params", "example-data"):
+        assert f"    {command}" in out

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
         log_metrics(tracking, run_id, {f"preprocess/{k}": v for k, v in metrics.items()})
         tracking.client.log_artifacts(run_id, str(plots), artifact_path="preprocess")
     log.info(
-        "preprocessor fitted on %d %s training rows: %d features -> %d components "
+        "preprocessor fitted on %d training rows (%s): %d features -> %d components "
         "(%.1f%% of variance); MLflow run %s",
         len(features),
         params.preprocess.fit_on,
