@@ -34,7 +34,8 @@ def test_unknown_key_is_named_with_a_suggestion_and_the_allowed_keys() -> None:
 def test_unknown_section_lists_the_sections() -> None:
     with pytest.raises(
         ConfigError,
-        match=r"unknown key 'trian'; allowed keys in the top level: base, data, preprocess, split",
+        match=r"unknown key 'trian' \(did you mean 'train'\?\); allowed keys in the top level: "
+        r"base, data, model, preprocess, pretrain, split, train",
     ):
         validate_params({"trian": {}})
 
@@ -61,8 +62,33 @@ def test_pca_components_refuse_other_values(value: object) -> None:
 
 
 def test_classes_in_both_tasks_are_refused() -> None:
-    with pytest.raises(ConfigError, match=r"classes \[4\] are in both"):
+    with pytest.raises(ConfigError, match=r"classes \['4'\] are in both"):
         validate_params({"data": {"source_classes": [0, 4], "target_classes": [4, 5]}})
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"source_classes": [0, 1, "2"], "target_classes": [2, 3]}, r"classes \['2'\] are in both"),
+        ({"source_classes": [0, 0]}, "source_classes lists a class twice"),
+        ({"target_classes": [7]}, "target_classes needs at least two classes"),
+        ({"source_classes": []}, "source_classes needs at least two classes"),
+    ],
+)
+def test_task_classes_are_checked(data, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate_params({"data": data})
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_seed_must_be_usable_by_every_library(seed) -> None:
+    with pytest.raises(ConfigError, match=r"base\.seed"):
+        validate_params({"base": {"seed": seed}})
+
+
+def test_whitening_needs_pca() -> None:
+    with pytest.raises(ConfigError, match="whiten: true needs PCA"):
+        validate_params({"preprocess": {"pca": {"n_components": None, "whiten": True}}})
 
 
 def test_split_fractions_must_leave_training_rows() -> None:
@@ -83,6 +109,12 @@ def test_missing_and_malformed_files_are_config_errors(tmp_path) -> None:
     bad.write_text("base: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_params(tmp_path)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("base: {seed: 1}  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_params(latin)
 
 
 def test_overrides_apply_before_validation(write_params) -> None:
@@ -104,7 +136,15 @@ def test_flattened_params_use_dotted_keys() -> None:
 def test_cli_prints_the_schema(capsys) -> None:
     assert cli(["params", "--schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert set(schema["properties"]) == {"base", "data", "split", "preprocess"}
+    assert set(schema["properties"]) == {
+        "base",
+        "data",
+        "split",
+        "preprocess",
+        "model",
+        "pretrain",
+        "train",
+    }
     assert schema["additionalProperties"] is False
 
 

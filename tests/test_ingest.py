@@ -72,7 +72,7 @@ def test_label_column_is_configurable(write_params, tmp_path) -> None:
 def _write(tmp_path: Path, content: str | pd.DataFrame, name: str = "bad.csv") -> Path:
     path = tmp_path / name
     if isinstance(content, str):
-        path.write_text(content)
+        path.write_bytes(content.encode("latin-1"))
     elif name.endswith(".csv"):
         content.to_csv(path, index=False)
     else:
@@ -102,6 +102,7 @@ BAD_INPUTS = {
     "duplicate column names": ("a,a,label\n1,2,0\n3,4,1\n", r"duplicate column names \['a'\]"),
     "no feature columns": (tiny_table()[["label"]], "no feature columns"),
     "malformed parquet": ("not parquet at all", "not a readable Parquet file"),
+    "not UTF-8": ("a,b,label\n1,2,caf\xe9\n", "not UTF-8 text"),
 }
 
 
@@ -116,6 +117,12 @@ def test_bad_input_fails_clearly_and_writes_nothing(write_params, tmp_path, caps
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_a_source_outside_data_raw_is_flagged(write_params, tmp_path, caplog) -> None:
+    path = _write(tmp_path, tiny_table(), "outside.csv")
+    assert run_ingest(write_params, tmp_path, source=str(path), label_column="label") == 0
+    assert "outside data/raw/" in caplog.text
 
 
 def test_duplicate_columns_in_parquet_are_refused(write_params, tmp_path, capsys) -> None:

@@ -11,10 +11,13 @@ import pytest
 import yaml
 
 from tests.conftest import copy_project
+from trackflow.config import set_dotted
 from trackflow.io import read_json
 
 pytestmark = pytest.mark.slow
 
+STAGES = ("ingest", "split", "preprocess", "pretrain", "train")
+FAST = {"pretrain.max_epochs": 2, "train.max_epochs": 2}  # the pipeline's wiring, not its accuracy
 OUTPUTS = (
     "data/ingested/dataset.parquet",
     "data/split/target_train.parquet",
@@ -22,6 +25,9 @@ OUTPUTS = (
     "models/preprocessor.joblib",
     "metrics/preprocess.json",
     "plots/preprocess/scree.png",
+    "models/backbone.pt",
+    "models/model.pt",
+    "models/train_run.json",
 )
 
 
@@ -35,19 +41,13 @@ def sh(*args: str, cwd: Path) -> str:
 
 
 def ran(output: str) -> list[str]:
-    return [
-        stage for stage in ("ingest", "split", "preprocess") if f"Running stage '{stage}'" in output
-    ]
+    return [stage for stage in STAGES if f"Running stage '{stage}'" in output]
 
 
-def edit_params(repo: Path, **changes: object) -> None:
+def edit_params(repo: Path, changes: dict[str, object]) -> None:
     raw = yaml.safe_load((repo / "params.yaml").read_text())
     for key, value in changes.items():
-        section, _, name = key.partition("__")
-        node = raw[section]
-        for part in name.split("__")[:-1]:
-            node = node[part]
-        node[name.split("__")[-1]] = value
+        set_dotted(raw, key, value)
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
@@ -58,6 +58,7 @@ def repo(tmp_path: Path) -> Path:
     sh("git", "init", "-q", cwd=repo)
     sh("dvc", "init", "-q", cwd=repo)
     copy_project(repo)  # with the project's .dvc/config, naming its default remote
+    edit_params(repo, FAST)
     sh("dvc", "remote", "modify", "--local", "local", "url", str(tmp_path / "remote"), cwd=repo)
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "project", cwd=repo)
@@ -65,15 +66,15 @@ def repo(tmp_path: Path) -> Path:
 
 
 def test_repro_skips_unchanged_stages_and_reruns_from_what_changed(repo: Path) -> None:
-    assert ran(sh("dvc", "repro", cwd=repo)) == ["ingest", "split", "preprocess"]
+    assert ran(sh("dvc", "repro", cwd=repo)) == list(STAGES)
     assert all((repo / path).exists() for path in OUTPUTS)
     assert (repo / "mlruns/mlflow.db").exists()
 
     again = sh("dvc", "repro", cwd=repo)
     assert ran(again) == [] and "Data and pipelines are up to date" in again
 
-    edit_params(repo, preprocess__pca__n_components=8)
-    assert ran(sh("dvc", "repro", cwd=repo)) == ["preprocess"]
+    edit_params(repo, {"preprocess.pca.n_components": 8})
+    assert ran(sh("dvc", "repro", cwd=repo)) == ["preprocess", "pretrain", "train"]
     assert read_json(repo / "metrics/preprocess.json")["n_components"] == 8
     metrics = sh("dvc", "metrics", "show", "--json", cwd=repo)
     assert '"n_components": 8' in metrics
@@ -100,14 +101,19 @@ def test_a_users_csv_runs_through_by_changing_params_only(repo: Path) -> None:
     sh("dvc", "add", "data/raw/breast_cancer.csv", cwd=repo)
     edit_params(
         repo,
-        data__source="data/raw/breast_cancer.csv",
-        data__source_classes=None,
-        data__target_classes=None,
-        preprocess__pca__n_components=0.9,
+        {
+            "data.source": "data/raw/breast_cancer.csv",
+            "data.source_classes": None,
+            "data.target_classes": None,
+            "preprocess.pca.n_components": 0.9,
+            "train.mode": "scratch",
+        },
     )
-    assert ran(sh("dvc", "repro", cwd=repo)) == ["ingest", "split", "preprocess"]
+    assert ran(sh("dvc", "repro", cwd=repo)) == list(STAGES)
     profile = read_json(repo / "data/ingested/profile.json")
     assert profile["n_rows"] == 569 and profile["n_features"] == 30
     assert profile["class_counts"] == {"0": 212, "1": 357}
     assert read_json(repo / "metrics/preprocess.json")["explained_variance"] >= 0.9
     assert not (repo / "data/split/source_train.parquet").exists()
+    assert read_json(repo / "models/pretrain_run.json")["run_id"] is None  # nothing to pretrain
+    assert read_json(repo / "models/train_run.json")["mode"] == "scratch"

@@ -73,10 +73,10 @@ def test_n_components_as_int_or_null(parts, n_components, expected_width) -> Non
 def test_n_components_as_fraction_keeps_that_much_variance(parts) -> None:
     features = training_features(parts, "both", LABEL)
     fitted = fit_preprocessor(features, config(n_components=0.8), False, 0)
-    metrics = variance_metrics(fitted)
+    metrics = variance_metrics(fitted, 64)
     assert metrics["explained_variance"] >= 0.8
     fewer = fit_preprocessor(features, config(n_components=metrics["n_components"] - 1), False, 0)
-    assert variance_metrics(fewer)["explained_variance"] < 0.8
+    assert variance_metrics(fewer, 64)["explained_variance"] < 0.8
     assert list(transform_table(fitted, parts["target_val"], LABEL).columns[:2]) == ["pca0", "pca1"]
 
 
@@ -169,6 +169,109 @@ def test_stage_writes_outputs_and_tracks_them_in_mlflow(write_params, tmp_path) 
     )
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "preprocess")}
     assert artifacts == {"preprocess/explained_variance.csv", "preprocess/scree.png"}
+
+
+@pytest.mark.parametrize("scaler", ["standard", "minmax", "none"])
+@pytest.mark.parametrize("n_components", [5, 0.5, None])
+def test_stage_runs_with_every_scaler_and_pca_setting(write_params, scaler, n_components) -> None:
+    params = write_params(
+        {"preprocess.scaler": scaler, "preprocess.pca.n_components": n_components}
+    )
+    assert run_stages(params, Path.cwd()) == 0
+    metrics = read_json("metrics/preprocess.json")
+    assert metrics["n_components"] == {5: 5, None: 64}.get(n_components, metrics["n_components"])
+    assert metrics["n_fit_rows"] == len(read_table("split/source_train.parquet")) + len(
+        read_table("split/target_train.parquet")
+    )
+
+
+def test_pca_off_on_a_table_wider_than_it_is_long(write_params, tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(rng.normal(size=(30, 50)), columns=[f"f{i}" for i in range(50)])
+    table["label"] = np.arange(30) % 2
+    table.to_csv(tmp_path / "wide.csv", index=False)
+    params = write_params(
+        {
+            "data.source": str(tmp_path / "wide.csv"),
+            "data.label_column": "label",
+            "data.source_classes": None,
+            "data.target_classes": None,
+            "preprocess.pca.n_components": None,
+        }
+    )
+    assert run_stages(params, tmp_path) == 0
+    assert read_json(tmp_path / "metrics/preprocess.json")["n_components"] == 50
+
+
+def test_imputed_values_are_counted_in_the_metrics(write_params, tmp_path) -> None:
+    table = load_bundled("iris")
+    table.iloc[[0, 60, 120], 1] = np.nan
+    table.to_csv(tmp_path / "iris.csv", index=False)
+    params = write_params(
+        {
+            "data.source": str(tmp_path / "iris.csv"),
+            "data.non_finite": "impute",
+            "data.source_classes": None,
+            "data.target_classes": None,
+            "preprocess.pca.n_components": None,
+        }
+    )
+    assert run_stages(params, tmp_path) == 0
+    assert read_json(tmp_path / "metrics/preprocess.json")["imputed_values"] == 3
+    processed = pd.concat(read_table(p) for p in (tmp_path / "processed").glob("*.parquet"))
+    assert not processed.isna().any().any()
+
+
+def test_a_failure_while_writing_rolls_back_and_fails_the_run(
+    write_params, tmp_path, monkeypatch
+) -> None:
+    from mlflow import MlflowClient
+
+    import trackflow.preprocessing
+
+    def broken_plot(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trackflow.preprocessing, "plot_spectrum", broken_plot)
+    with pytest.raises(OSError, match="disk full"):
+        run_stages(write_params(), tmp_path)
+    for name in ("processed", "models", "metrics", "plots"):
+        assert not (tmp_path / name).exists(), name
+    assert not list(tmp_path.glob(".*.tmp-*"))
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("trackflow").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_a_bad_tracking_store_is_a_config_error(
+    write_params, tmp_path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
+    assert run_stages(write_params(), tmp_path) == 2
+    assert (
+        "cannot use the MLflow tracking store 'nosuchscheme://nowhere'" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "processed").exists()
+
+
+def test_stage_needs_the_split(write_params, capsys) -> None:
+    code = preprocess(
+        [
+            "--params",
+            str(write_params()),
+            "--splits",
+            "nope",
+            "--out",
+            "o",
+            "--preprocessor",
+            "p",
+            "--metrics",
+            "m",
+            "--plots",
+            "pl",
+        ]
+    )
+    assert code == 3 and "run the split stage first" in capsys.readouterr().err
 
 
 def test_stage_failure_leaves_no_outputs_and_no_run(write_params, tmp_path, capsys) -> None:

@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from trackflow.errors import ConfigError
 
@@ -49,7 +58,9 @@ class MlflowConfig(_Section):
 class BaseSection(_Section):
     """Settings shared by every stage."""
 
-    seed: int = Field(42, description="Seed for every random choice: splits, PCA, training.")
+    seed: int = Field(
+        42, ge=0, le=2**32 - 1, description="Seed for every random choice: splits, PCA, training."
+    )
     mlflow: MlflowConfig = MlflowConfig()
 
 
@@ -79,7 +90,8 @@ class DataConfig(_Section):
         1.0,
         gt=0,
         le=1,
-        description="Fraction of target training rows kept (stratified), to simulate few labels.",
+        description="Fraction of each target class's training rows kept (at least one), to "
+        "simulate few labels.",
     )
 
     @model_validator(mode="after")
@@ -96,12 +108,22 @@ class DataConfig(_Section):
                 f"source {source!r} is neither 'sklearn:<name>' nor a file ending in "
                 + ", ".join(TABLE_SUFFIXES)
             )
-        if self.source_classes is not None and not self.source_classes:
-            raise ValueError("source_classes is empty; list at least two classes or use null")
-        overlap = set(self.source_classes or ()) & set(self.target_classes or ())
+        for key in ("source_classes", "target_classes"):
+            classes = getattr(self, key)
+            if classes is None:
+                continue
+            texts = [str(c) for c in classes]
+            if len(set(texts)) != len(texts):
+                raise ValueError(f"{key} lists a class twice: {list(classes)}")
+            if len(texts) < 2:
+                raise ValueError(f"{key} needs at least two classes, or null; got {list(classes)}")
+        # Labels match by their text (0 matches "0"), so overlaps are checked the same way.
+        overlap = {str(c) for c in self.source_classes or ()} & {
+            str(c) for c in self.target_classes or ()
+        }
         if overlap:
             raise ValueError(
-                f"classes {sorted(overlap, key=str)} are in both source_classes and target_classes"
+                f"classes {sorted(overlap)} are in both source_classes and target_classes"
             )
         return self
 
@@ -150,6 +172,12 @@ class PcaConfig(_Section):
     )
     whiten: bool = Field(False, description="Scale components to unit variance.")
 
+    @model_validator(mode="after")
+    def _check(self) -> PcaConfig:
+        if self.whiten and self.n_components is None:
+            raise ValueError("whiten: true needs PCA; set n_components or whiten: false")
+        return self
+
 
 class PreprocessConfig(_Section):
     """Scaling then PCA, fitted on training rows only."""
@@ -162,6 +190,107 @@ class PreprocessConfig(_Section):
     )
 
 
+class ModelConfig(_Section):
+    """The network: a backbone (transferred between tasks) and a new head per task."""
+
+    name: str = Field(
+        "trackflow",
+        min_length=1,
+        description="Registered model name; the pretrained backbone is '<name>-backbone'.",
+    )
+    backbone: Literal["mlp", "cnn"] = Field(
+        "mlp", description="'mlp' over feature vectors; 'cnn' over image-shaped rows (PCA off)."
+    )
+    widths: tuple[PositiveInt, ...] = Field((256, 128), min_length=1, description="MLP widths.")
+    channels: tuple[PositiveInt, ...] = Field(
+        (32, 64), min_length=1, description="CNN channels, one depthwise-separable block each."
+    )
+    image_shape: tuple[PositiveInt, PositiveInt, PositiveInt] | None = Field(
+        None, description="CNN input [channels, height, width]; null = one square channel."
+    )
+    norm: Literal["batch", "layer", "group", "none"] = "batch"
+    activation: Literal["relu", "gelu", "silu", "tanh", "leaky_relu"] = "relu"
+    dropout: float = Field(0.1, ge=0, lt=1)
+    init: Literal["xavier", "he", "normal", "default"] = Field(
+        "he", description="Initialization of new layers (a transferred backbone keeps its weights)."
+    )
+
+
+class ScheduleConfig(_Section):
+    """Learning-rate schedule, as a factor of the initial rate per epoch."""
+
+    kind: Literal["step", "exponential", "inverse_time", "cosine", "none"] = "cosine"
+    step_size: PositiveInt = Field(10, description="step: epochs between decays.")
+    gamma: float = Field(0.5, gt=0, description="step/exponential: decay factor.")
+    decay_rate: float = Field(0.1, ge=0, description="inverse_time: lr / (1 + decay_rate * epoch).")
+
+
+class TrainerConfig(_Section):
+    """Passed to Lightning's ``Trainer``: where and how to scale out."""
+
+    accelerator: str = Field("cpu", description="cpu | gpu | auto | ...")
+    devices: PositiveInt | Literal["auto"] = 1
+    strategy: str = Field("auto", description="auto | ddp | ddp_spawn | ...")
+    num_nodes: PositiveInt = 1
+
+
+class OptimizationConfig(_Section):
+    """How a model is fitted; shared by the pretrain and train sections."""
+
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(3e-4, gt=0, description="Learning rate of the head (and of a new model).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only.")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty.")
+    schedule: ScheduleConfig = ScheduleConfig()
+    batch_size: PositiveInt = 64
+    max_epochs: PositiveInt = 40
+    early_stopping_patience: PositiveInt | None = Field(
+        10, description="Epochs without a lower val/loss before stopping; null = off."
+    )
+    gradient_clip_val: float | None = Field(
+        None, gt=0, description="Clip gradient norm; null = off."
+    )
+    deterministic: bool = Field(True, description="Same params + same data => same metrics.")
+    trainer: TrainerConfig = TrainerConfig()
+
+
+class PretrainConfig(OptimizationConfig):
+    """Training of backbone + head on the source task."""
+
+    lr: float = Field(1e-3, gt=0)
+
+
+class TrainConfig(OptimizationConfig):
+    """Adaptation to the target task."""
+
+    mode: Literal["finetune", "feature_extraction", "scratch"] = Field(
+        "finetune",
+        description="finetune: the backbone keeps training at backbone_lr_ratio x lr; "
+        "feature_extraction: the backbone is frozen, only the new head trains; "
+        "scratch: a new backbone, trained from random weights (the baseline).",
+    )
+    backbone: str | None = Field(
+        "pretrained",
+        description="'pretrained' (the pretrain stage's output), 'models:/NAME@ALIAS', "
+        "'models:/NAME/VERSION', 'runs:/RUN_ID/PATH', or null (only with mode: scratch).",
+    )
+    backbone_lr_ratio: float = Field(0.1, gt=0, le=1)
+    unfreeze_at_epoch: NonNegativeInt = Field(
+        0, description="finetune: epoch at which the backbone starts training (frozen before)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        backbone = self.backbone
+        if backbone is None and self.mode != "scratch":
+            raise ValueError(f"mode {self.mode!r} needs a backbone; set backbone or mode: scratch")
+        if backbone not in (None, "pretrained") and not backbone.startswith(("models:/", "runs:/")):
+            raise ValueError(
+                f"backbone {backbone!r} is not 'pretrained', null, 'models:/...' or 'runs:/...'"
+            )
+        return self
+
+
 class Params(_Section):
     """The whole ``params.yaml``."""
 
@@ -169,6 +298,9 @@ class Params(_Section):
     data: DataConfig = DataConfig()
     split: SplitConfig = SplitConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    train: TrainConfig = TrainConfig()
 
 
 def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Params:
@@ -184,9 +316,11 @@ def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"params file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"params file {str(path)!r} cannot be read: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from trackflow.config import BUILTIN_DATASETS, DataConfig
-from trackflow.errors import DataError
+from trackflow.errors import DataError, preview
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,13 @@ def read_source(source: str) -> pd.DataFrame:
         )
     if path.stat().st_size == 0:
         raise DataError(f"data file {source!r} is empty (0 bytes)")
-    columns = _header(path)
-    duplicates = sorted({name for name in columns if columns.count(name) > 1})
-    if duplicates:
+    _refuse_duplicates(_header(path), f"{source!r} has")
+    try:
+        return _read_file(path)
+    except UnicodeDecodeError as exc:
         raise DataError(
-            f"{source!r} has duplicate column names {duplicates}; rename them so each is unique"
-        )
-    return _read_file(path)
+            f"{source!r} is not UTF-8 text ({exc.reason}); re-encode it as UTF-8"
+        ) from None
 
 
 def to_canonical(
@@ -74,37 +74,13 @@ def to_canonical(
         DataError: Naming what is wrong with the table and how to fix it.
     """
     frame = frame.rename(columns=str).reset_index(drop=True)
-    duplicates = sorted({name for name in frame.columns if list(frame.columns).count(name) > 1})
-    if duplicates:
-        raise DataError(f"duplicate column names {duplicates}; rename them so each is unique")
+    _refuse_duplicates(list(frame.columns), "the table has")
     if frame.empty:
         raise DataError("the table has no rows")
-    if label_column not in frame.columns:
-        hint = difflib.get_close_matches(label_column, list(frame.columns), n=1)
-        guess = f" Did you mean {hint[0]!r}?" if hint else ""
-        raise DataError(
-            f"label column {label_column!r} is not in the table (columns: "
-            f"{_preview(frame.columns)}).{guess} Set data.label_column in params.yaml"
-        )
-    features = frame.drop(columns=label_column)
-    if features.shape[1] == 0:
-        raise DataError(f"the table has no feature columns besides the label {label_column!r}")
-    features = _numeric_features(features)
+    features = _numeric_features(_features(frame, label_column))
     labels = _labels(frame[label_column], label_column)
     counts = _non_finite_counts(features)
-    if counts and non_finite == "fail":
-        raise DataError(
-            f"{sum(counts.values())} NaN/inf values in features {_preview(counts)}. "
-            "Clean the data, or set data.non_finite: impute to fill them with the training rows' "
-            "median"
-        )
-    if counts:
-        log.warning(
-            "%d NaN/inf feature values in %d columns will be imputed from training rows: %s",
-            sum(counts.values()),
-            len(counts),
-            counts,
-        )
+    _handle_non_finite(counts, non_finite)
     features = features.replace([np.inf, -np.inf], np.nan)
     canonical = features.assign(**{label_column: labels})
     canonical.index = pd.RangeIndex(len(canonical), name="row_id")
@@ -157,10 +133,53 @@ def ingest(config: DataConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
     return canonical, profile(canonical, config.label_column, config.source, non_finite)
 
 
+def _refuse_duplicates(columns: list[str], owner: str) -> None:
+    duplicates = sorted({name for name in columns if columns.count(name) > 1})
+    if duplicates:
+        raise DataError(
+            f"{owner} duplicate column names {duplicates}; rename them so each is unique"
+        )
+
+
+def _features(frame: pd.DataFrame, label_column: str) -> pd.DataFrame:
+    if label_column not in frame.columns:
+        hint = difflib.get_close_matches(label_column, list(frame.columns), n=1)
+        guess = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise DataError(
+            f"label column {label_column!r} is not in the table (columns: "
+            f"{preview(frame.columns)}).{guess} Set data.label_column in params.yaml"
+        )
+    features = frame.drop(columns=label_column)
+    if features.shape[1] == 0:
+        raise DataError(f"the table has no feature columns besides the label {label_column!r}")
+    return features
+
+
+def _handle_non_finite(counts: dict[str, int], policy: str) -> None:
+    if counts and policy == "fail":
+        raise DataError(
+            f"{sum(counts.values())} NaN/inf values in features {preview(counts)}. "
+            "Clean the data, or set data.non_finite: impute to fill them with the training rows' "
+            "median"
+        )
+    if counts:
+        log.warning(
+            "%d NaN/inf feature values in %d columns will be imputed from training rows: %s",
+            sum(counts.values()),
+            len(counts),
+            counts,
+        )
+
+
 def _header(path: Path) -> list[str]:
     if path.suffix.lower() == ".csv":
-        with path.open(newline="") as handle:
-            return next(csv.reader(handle), [])
+        try:
+            with path.open(newline="", encoding="utf-8") as handle:
+                return next(csv.reader(handle), [])
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{str(path)!r} is not UTF-8 text ({exc.reason}); re-encode it as UTF-8"
+            ) from None
     import pyarrow.parquet as pq
 
     try:
@@ -193,7 +212,7 @@ def _numeric_features(features: pd.DataFrame) -> pd.DataFrame:
             if features[name].notna().any()
         }
         raise DataError(
-            f"{len(bad)} feature columns are not numeric: {_preview(bad)} (e.g. {examples}). "
+            f"{len(bad)} feature columns are not numeric: {preview(bad)} (e.g. {examples}). "
             "Encode them as numbers, or drop them before ingesting"
         )
     return features.astype("float64")
@@ -222,9 +241,3 @@ def _non_finite_counts(features: pd.DataFrame) -> dict[str, int]:
 
 def _finite_or_none(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
-
-
-def _preview(names: Any, limit: int = 8) -> str:
-    names = [str(name) for name in names]
-    shown = ", ".join(names[:limit])
-    return f"{shown}, ... ({len(names)} in all)" if len(names) > limit else shown

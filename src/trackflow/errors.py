@@ -4,6 +4,8 @@ Entry points turn these into a one-line message and a non-zero exit status inste
 anything else escaping a stage is a bug and keeps its traceback.
 """
 
+from collections.abc import Iterable
+
 
 class TrackflowError(Exception):
     """Base class for errors caused by the user's input rather than by trackflow."""
@@ -21,3 +23,10 @@ class DataError(TrackflowError):
     """The data cannot be used as it is (missing, empty, malformed, too small)."""
 
     exit_code = 3
+
+
+def preview(items: Iterable[object], limit: int = 8) -> str:
+    """A list for an error message: the first ``limit`` items, then how many there are in all."""
+    names = [str(item) for item in items]
+    shown = ", ".join(names[:limit])
+    return f"{shown}, ... ({len(names)} in all)" if len(names) > limit else shown

@@ -41,7 +41,8 @@ def atomic_outputs(*targets: str | Path) -> Iterator[tuple[Path, ...]]:
     The block receives one staging path per target, each next to its target (so the final move is
     a rename on the same file system) and free to be written as a file or created as a directory.
     If the block raises, every staging path is removed and the targets are left as they were, so
-    a failed stage never leaves partial outputs behind.
+    a failed stage never leaves partial outputs behind. The final moves are two-phase: the old
+    targets are set aside first and put back if any move fails.
 
     Yields:
         The staging paths, in the order of ``targets``.
@@ -61,9 +62,29 @@ def atomic_outputs(*targets: str | Path) -> Iterator[tuple[Path, ...]]:
             if parent.exists() and not any(parent.iterdir()):
                 parent.rmdir()
         raise
-    for source, target in zip(staging, final, strict=True):
-        _remove(target)
-        os.replace(source, target)
+    _commit(staging, final, token)
+
+
+def _commit(staging: tuple[Path, ...], final: tuple[Path, ...], token: str) -> None:
+    set_aside: list[tuple[Path, Path]] = []
+    moved_in: list[Path] = []
+    try:
+        for target in final:
+            if target.exists() or target.is_symlink():
+                old = target.with_name(f".{target.name}.old-{token}")
+                os.replace(target, old)
+                set_aside.append((old, target))
+        for source, target in zip(staging, final, strict=True):
+            os.replace(source, target)
+            moved_in.append(target)
+    except BaseException:
+        for path in (*staging, *moved_in):
+            _remove(path)
+        for old, target in set_aside:
+            os.replace(old, target)
+        raise
+    for old, _ in set_aside:
+        _remove(old)
 
 
 def _missing_parents(paths: tuple[Path, ...]) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,10 +116,9 @@ def variance_spectrum(preprocessor: Pipeline, features: pd.DataFrame) -> pd.Data
     )
 
 
-def variance_metrics(preprocessor: Pipeline) -> dict[str, float | int]:
-    """What the fitted preprocessor keeps: components and fraction of variance."""
+def variance_metrics(preprocessor: Pipeline, n_features: int) -> dict[str, float | int]:
+    """What the fitted preprocessor keeps of ``n_features``: components and fraction of variance."""
     pca = preprocessor.named_steps["pca"]
-    n_features = int(preprocessor.n_features_in_)
     if isinstance(pca, str):  # "passthrough": PCA is off, every feature and all variance kept
         return {"n_features_in": n_features, "n_components": n_features, "explained_variance": 1.0}
     return {
@@ -149,6 +149,7 @@ def plot_spectrum(spectrum: pd.DataFrame, n_kept: int, path: str | Path) -> None
         marker=".",
         label="cumulative",
     )
+    n_kept = min(n_kept, len(spectrum))  # PCA off on fewer rows than features: all of the spectrum
     kept = spectrum["cumulative"].iloc[n_kept - 1]
     ax.axvline(
         n_kept + 0.5,
@@ -165,3 +166,44 @@ def plot_spectrum(spectrum: pd.DataFrame, n_kept: int, path: str | Path) -> None
     ax.legend(loc="center right")
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    """The fitted preprocessor, every part transformed, and what it keeps."""
+
+    preprocessor: Pipeline
+    parts: dict[str, pd.DataFrame]
+    spectrum: pd.DataFrame
+    metrics: dict[str, float | int]
+
+
+def preprocess(
+    parts: dict[str, pd.DataFrame],
+    config: PreprocessConfig,
+    label_column: str,
+    impute: bool,
+    seed: int,
+) -> Preprocessed:
+    """Fit on the configured training rows, transform every part, measure the variance kept.
+
+    Args:
+        parts: Split tables by name (``"source_train"``, ``"target_test"``, ...).
+        config: Scaling, PCA and which training rows to fit on.
+        label_column: Class column, carried through untouched.
+        impute: Whether to fill NaN with the training median (``data.non_finite: impute``).
+        seed: Seed for PCA's solver.
+    """
+    features = training_features(parts, config.fit_on, label_column)
+    preprocessor = fit_preprocessor(features, config, impute, seed)
+    transformed = {
+        name: transform_table(preprocessor, part, label_column) for name, part in parts.items()
+    }
+    imputed = sum(
+        int(part.drop(columns=label_column).isna().sum().sum()) for part in parts.values()
+    )
+    metrics = variance_metrics(preprocessor, features.shape[1]) | {"n_fit_rows": len(features)}
+    if impute:
+        metrics["imputed_values"] = imputed
+    spectrum = variance_spectrum(preprocessor, features)
+    return Preprocessed(preprocessor, transformed, spectrum, metrics)

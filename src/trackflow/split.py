@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from trackflow.config import DataConfig, SplitConfig
-from trackflow.errors import DataError
+from trackflow.errors import DataError, preview
 
 SPLITS = ("train", "val", "test")
 TASKS = ("source", "target")
@@ -59,27 +59,38 @@ def resolve_tasks(labels: pd.Series, config: DataConfig) -> dict[str, list[Hasha
 def check_split_size(labels: pd.Series, config: SplitConfig) -> None:
     """Refuse data too small for a stratified three-way split, saying how many rows it needs.
 
-    Every class needs a row in each split, and each split needs at least one row per class.
+    Every class needs a row in each split, and each split at least one row per class; the sizes are
+    computed as scikit-learn's ``train_test_split`` does: test first, then validation from the rest.
     """
     counts = labels.value_counts()
     n_rows, n_classes = len(labels), len(counts)
     scarce = counts[counts < len(SPLITS)]
     if not scarce.empty:
-        listed = ", ".join(f"{label} ({count} rows)" for label, count in scarce.items())
+        listed = preview([f"{label} ({count} rows)" for label, count in scarce.items()])
         raise DataError(
             f"classes {listed} have fewer than {len(SPLITS)} rows; a stratified "
             "train/val/test split needs at least one row of every class in each split"
         )
-    n_test = math.ceil(config.test_fraction * n_rows)
-    n_val = math.ceil(config.val_fraction * n_rows)
-    smallest = min(n_test, n_val, n_rows - n_test - n_val)
-    if smallest < n_classes:
-        needed = math.ceil(n_classes / min(config.test_fraction, config.val_fraction))
+    sizes = _split_sizes(n_rows, config)
+    if min(sizes.values()) < n_classes:
+        needed = next(
+            n
+            for n in range(n_rows, 100 * n_rows + 1000)
+            if min(_split_sizes(n, config).values()) >= n_classes
+        )
         raise DataError(
             f"{n_rows} rows are too few for split fractions val={config.val_fraction}, "
-            f"test={config.test_fraction} with {n_classes} classes: each split needs at least "
-            f"{n_classes} rows. Provide at least {needed} rows or raise the fractions"
+            f"test={config.test_fraction} with {n_classes} classes: the split would give "
+            f"{sizes} rows, and each needs at least {n_classes}. Provide at least {needed} rows "
+            "or raise the fractions"
         )
+
+
+def _split_sizes(n_rows: int, config: SplitConfig) -> dict[str, int]:
+    n_test = math.ceil(config.test_fraction * n_rows)
+    rest = n_rows - n_test
+    n_val = math.ceil(config.val_fraction / (1 - config.test_fraction) * rest)
+    return {"train": rest - n_val, "val": n_val, "test": n_test}
 
 
 def split_table(
@@ -102,15 +113,18 @@ def split_table(
     tasks = resolve_tasks(table[label_column], data)
     in_use = table[table[label_column].isin([c for classes in tasks.values() for c in classes])]
     check_split_size(in_use[label_column], split)
-    rest, test = train_test_split(
-        in_use, test_size=split.test_fraction, stratify=in_use[label_column], random_state=seed
-    )
-    train, val = train_test_split(
-        rest,
-        test_size=split.val_fraction / (1 - split.test_fraction),
-        stratify=rest[label_column],
-        random_state=seed,
-    )
+    try:
+        rest, test = train_test_split(
+            in_use, test_size=split.test_fraction, stratify=in_use[label_column], random_state=seed
+        )
+        train, val = train_test_split(
+            rest,
+            test_size=split.val_fraction / (1 - split.test_fraction),
+            stratify=rest[label_column],
+            random_state=seed,
+        )
+    except ValueError as exc:  # a case check_split_size did not foresee: still the data's fault
+        raise DataError(f"the data cannot be split as asked: {exc}") from None
     parts = {
         f"{task}_{name}": part[part[label_column].isin(classes)].sort_index()
         for task, classes in tasks.items()
@@ -135,17 +149,9 @@ def summarize(parts: dict[str, pd.DataFrame], label_column: str) -> dict[str, An
 
 
 def _subsample(part: pd.DataFrame, label_column: str, fraction: float, seed: int) -> pd.DataFrame:
-    from sklearn.model_selection import train_test_split
-
-    n_classes = part[label_column].nunique()
-    kept = math.floor(fraction * len(part))
-    if kept < n_classes:
-        raise DataError(
-            f"data.target_train_fraction={fraction} keeps {kept} of {len(part)} target training "
-            f"rows, fewer than its {n_classes} classes; use at least "
-            f"{math.ceil(n_classes / len(part) * 100) / 100}"
-        )
-    subset, _ = train_test_split(
-        part, train_size=kept, stratify=part[label_column], random_state=seed
-    )
-    return subset.sort_index()
+    """Keep ``fraction`` of each class's rows (at least one), chosen with ``seed``."""
+    kept = [
+        rows.sample(n=max(1, round(fraction * len(rows))), random_state=seed)
+        for _, rows in part.groupby(label_column, sort=True)
+    ]
+    return pd.concat(kept).sort_index()

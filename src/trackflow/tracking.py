@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trackflow.config import MlflowConfig
+from trackflow.errors import ConfigError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -38,24 +39,31 @@ def resolve_tracking_uri(config: MlflowConfig) -> str:
 def setup_tracking(config: MlflowConfig) -> Tracking:
     """Point MLflow at the configured store and make sure the experiment exists.
 
-    A local SQLite store gets its folder created; a new experiment stores its artifacts under
+    Returns a client bound to the store; the process-wide MLflow state is left alone. A local
+    SQLite store gets its folder created; a new experiment stores its artifacts under
     ``config.artifact_location`` (made absolute, so runs read back from any working directory).
     """
-    import mlflow
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(config)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(config.experiment_name)
-    if experiment is not None:
-        experiment_id = experiment.experiment_id
-    else:
-        experiment_id = client.create_experiment(
-            config.experiment_name, artifact_location=_artifact_uri(config.artifact_location)
-        )
+    # No mlflow.set_tracking_uri(): it also sets MLFLOW_TRACKING_URI for the whole process, which
+    # would then override the params of every later set-up in it. The client carries the URI.
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(config.experiment_name)
+        if experiment is not None:
+            experiment_id = experiment.experiment_id
+        else:
+            experiment_id = client.create_experiment(
+                config.experiment_name, artifact_location=_artifact_uri(config.artifact_location)
+            )
+    except Exception as exc:  # MLflow raises many kinds for a bad URI or an unreachable store
+        raise ConfigError(
+            f"cannot use the MLflow tracking store {uri!r} (base.mlflow.tracking_uri, or "
+            f"MLFLOW_TRACKING_URI if set): {type(exc).__name__}: {exc}"
+        ) from None
     return Tracking(client=client, tracking_uri=uri, experiment_id=experiment_id)
 
 

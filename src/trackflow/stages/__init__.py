@@ -12,10 +12,11 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from trackflow.errors import TrackflowError
+from trackflow.errors import DataError, TrackflowError
 
-STAGES = ("ingest", "split", "preprocess")
+STAGES = ("ingest", "split", "preprocess", "pretrain", "train")
 
 log = logging.getLogger("trackflow")
 
@@ -27,6 +28,16 @@ def add_params_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def require_inputs(*paths: Path, made_by: str) -> None:
+    """Refuse to start when an input from an earlier stage is missing, naming that stage."""
+    missing = [str(path) for path in paths if not path.exists()]
+    if missing:
+        raise DataError(
+            f"missing input {', '.join(missing)}: run the {made_by} stage first "
+            f"(`dvc repro {made_by}` or `trackflow {made_by}`)"
+        )
+
+
 def configure_logging(verbose: bool = False) -> None:
     """Plain, timestamped lines on stderr: readable under DVC, CI and a terminal alike."""
     logging.basicConfig(
@@ -35,6 +46,8 @@ def configure_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # Lightning prints its own copy of each INFO line (hardware found, tips); warnings still show.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
 
 def execute(run: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:

@@ -29,6 +29,15 @@ def run(args: argparse.Namespace) -> None:
     from trackflow.io import atomic_outputs, write_json, write_table
 
     params = load_params(args.params)
+    source = params.data.source
+    if not source.startswith("sklearn:") and not Path(source).resolve().is_relative_to(
+        Path("data/raw").resolve()
+    ):
+        log.warning(
+            "%s is outside data/raw/: dvc.yaml does not track it, so `dvc repro` will not notice "
+            "when it changes. Move it under data/raw/ and `dvc add` it",
+            source,
+        )
     table, profile = ingest(params.data)
     with atomic_outputs(args.out) as (staging,):
         staging.mkdir()

@@ -1,9 +1,10 @@
 """Preprocess: fit scaling + PCA on training rows, transform every split, record the spectrum.
 
-Writes the transformed parts to ``<out>/``, the fitted pipeline to ``--preprocessor`` (joblib), the
-``explained_variance`` metrics to ``--metrics`` and the spectrum (``explained_variance.csv``,
-``scree.png``) to ``--plots``; logs params, metrics and plots to an MLflow run tagged with the data
-digest. Outputs appear all together or not at all.
+Writes the transformed parts and ``meta.json`` (dataset digest, raw feature columns) to ``<out>/``,
+the fitted pipeline to ``--preprocessor`` (joblib), the ``explained_variance`` metrics to
+``--metrics`` and the spectrum (``explained_variance.csv``, ``scree.png``) to ``--plots``; logs
+params, metrics and plots to an MLflow run tagged with the data digest. Outputs appear all
+together or not at all, and a failure marks the run FAILED.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from trackflow.stages import add_params_argument, stage_main
+from trackflow.stages import add_params_argument, require_inputs, stage_main
 
 log = logging.getLogger(__name__)
+
+LOGGED_SECTIONS = ("base.", "data.", "split.", "preprocess.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,26 +36,18 @@ def run(args: argparse.Namespace) -> None:
 
     from trackflow.config import flatten_params, load_params
     from trackflow.io import atomic_outputs, read_json, read_table, write_json, write_table
-    from trackflow.preprocessing import (
-        fit_preprocessor,
-        plot_spectrum,
-        training_features,
-        transform_table,
-        variance_metrics,
-        variance_spectrum,
-    )
+    from trackflow.preprocessing import plot_spectrum, preprocess
     from trackflow.tracking import TAG_PREFIX, log_metrics, log_params, setup_tracking, tracked_run
 
     params = load_params(args.params)
     label = params.data.label_column
+    require_inputs(args.splits / "summary.json", made_by="split")
     summary = read_json(args.splits / "summary.json")
     parts = {name: read_table(args.splits / f"{name}.parquet") for name in summary["parts"]}
-    features = training_features(parts, params.preprocess.fit_on, label)
-    preprocessor = fit_preprocessor(
-        features, params.preprocess, params.data.non_finite == "impute", params.base.seed
+    result = preprocess(
+        parts, params.preprocess, label, params.data.non_finite == "impute", params.base.seed
     )
-    spectrum = variance_spectrum(preprocessor, features)
-    metrics = variance_metrics(preprocessor) | {"n_fit_rows": len(features)}
+    metrics = result.metrics
     tracking = setup_tracking(params.base.mlflow)
     tags = {
         TAG_PREFIX + "stage": "preprocess",
@@ -60,24 +55,40 @@ def run(args: argparse.Namespace) -> None:
     }
     outputs = (args.out, args.preprocessor, args.metrics, args.plots)
     with (
-        atomic_outputs(*outputs) as (out, model, metrics_file, plots),
         tracked_run(tracking, "preprocess", tags) as run_id,
+        atomic_outputs(*outputs) as (
+            out,
+            model,
+            metrics_file,
+            plots,
+        ),
     ):
         out.mkdir()
         plots.mkdir()
-        for name, part in parts.items():
-            write_table(transform_table(preprocessor, part, label), out / f"{name}.parquet")
-        joblib.dump(preprocessor, model)
+        for name, part in result.parts.items():
+            write_table(part, out / f"{name}.parquet")
+        write_json(
+            {
+                "dataset_digest": summary["dataset_digest"],
+                "raw_feature_columns": [c for c in parts["target_train"].columns if c != label],
+                "label_column": label,
+            },
+            out / "meta.json",
+        )
+        joblib.dump(result.preprocessor, model)
         write_json(metrics, metrics_file)
-        spectrum.to_csv(plots / "explained_variance.csv", index=False)
-        plot_spectrum(spectrum, metrics["n_components"], plots / "scree.png")
-        log_params(tracking, run_id, flatten_params(params))
+        result.spectrum.to_csv(plots / "explained_variance.csv", index=False)
+        plot_spectrum(result.spectrum, metrics["n_components"], plots / "scree.png")
+        flat = flatten_params(params)
+        log_params(
+            tracking, run_id, {k: v for k, v in flat.items() if k.startswith(LOGGED_SECTIONS)}
+        )
         log_metrics(tracking, run_id, {f"preprocess/{k}": v for k, v in metrics.items()})
         tracking.client.log_artifacts(run_id, str(plots), artifact_path="preprocess")
     log.info(
         "preprocessor fitted on %d training rows (%s): %d features -> %d components "
         "(%.1f%% of variance); MLflow run %s",
-        len(features),
+        metrics["n_fit_rows"],
         params.preprocess.fit_on,
         metrics["n_features_in"],
         metrics["n_components"],

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from trackflow.stages import add_params_argument, stage_main
+from trackflow.stages import add_params_argument, require_inputs, stage_main
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> None:
 
     params = load_params(args.params)
     label = params.data.label_column
+    require_inputs(args.dataset, made_by="ingest")
     table = read_table(args.dataset)
     parts = split_table(table, label, params.data, params.split, params.base.seed)
     summary = {"dataset_digest": table_digest(table), "parts": summarize(parts, label)}

@@ -1,0 +1,270 @@
+"""Networks as plain ``nn.Module``s, built from params by a factory and injected into Lightning.
+
+A classifier is a *backbone* (features -> embedding, the part transferred between tasks) followed by
+a *head* (embedding -> class logits, always new for a task). Every backbone exposes
+``in_features`` and ``out_features`` so heads and checks need nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trackflow.config import ModelConfig
+from trackflow.errors import ConfigError
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "leaky_relu": nn.LeakyReLU,
+}
+
+
+def _norm_1d(kind: str, width: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm1d(width)
+    if kind == "layer":
+        return nn.LayerNorm(width)
+    if kind == "group":
+        return nn.GroupNorm(_groups(width), width)
+    return nn.Identity()
+
+
+def _norm_2d(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "layer":  # layer norm over (C, H, W) of each image, as GroupNorm with one group
+        return nn.GroupNorm(1, channels)
+    if kind == "group":
+        return nn.GroupNorm(_groups(channels), channels)
+    return nn.Identity()
+
+
+def _groups(width: int) -> int:
+    """Largest divisor of ``width`` up to 8: the number of groups in group normalization."""
+    return max(g for g in range(1, 9) if width % g == 0)
+
+
+class MLPBackbone(nn.Module):
+    """Fully connected layers over feature vectors: (batch, in_features) -> (batch, out)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        widths: Sequence[int],
+        norm: str = "batch",
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width_in = in_features
+        for width in widths:
+            layers += [
+                nn.Linear(width_in, width),
+                _norm_1d(norm, width),
+                ACTIVATIONS[activation](),
+                nn.Dropout(dropout),
+            ]
+            width_in = width
+        self.layers = nn.Sequential(*layers)
+        self.in_features = in_features
+        self.out_features = width_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed a batch of feature vectors."""
+        return self.layers(x)
+
+
+class SeparableBlock(nn.Module):
+    """MobileNet-style block: depthwise 3x3 then pointwise 1x1 conv, each normalized, activated."""
+
+    def __init__(self, channels_in: int, channels_out: int, norm: str, activation: str) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels_in, channels_in, 3, padding=1, groups=channels_in)
+        self.norm_dw = _norm_2d(norm, channels_in)
+        self.pointwise = nn.Conv2d(channels_in, channels_out, 1)
+        self.norm_pw = _norm_2d(norm, channels_out)
+        self.act = ACTIVATIONS[activation]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, C_in, H, W) -> (batch, C_out, H, W)."""
+        x = self.act(self.norm_dw(self.depthwise(x)))
+        return self.act(self.norm_pw(self.pointwise(x)))
+
+
+class ConvBackbone(nn.Module):
+    """Depthwise-separable CNN over image-shaped rows.
+
+    Input (batch, C*H*W) is reshaped to (batch, C, H, W); a stem conv is followed by one separable
+    block per entry of ``channels`` (2x downsampling between blocks), then global average pooling.
+    Output: (batch, channels[-1]).
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        channels: Sequence[int],
+        norm: str = "batch",
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        c_in = self.image_shape[0]
+        stem = channels[0]
+        layers: list[nn.Module] = [
+            nn.Conv2d(c_in, stem, 3, padding=1),
+            _norm_2d(norm, stem),
+            ACTIVATIONS[activation](),
+        ]
+        for i, (a, b) in enumerate(zip([stem, *channels[:-1]], channels, strict=True)):
+            if i > 0:
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            layers.append(SeparableBlock(a, b, norm, activation))
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout)]
+        self.layers = nn.Sequential(*layers)
+        self.in_features = math.prod(self.image_shape)
+        self.out_features = channels[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed a batch of flattened images."""
+        return self.layers(x.reshape(-1, *self.image_shape))
+
+
+def build_backbone(config: ModelConfig, in_features: int) -> nn.Module:
+    """The backbone named by ``config.backbone`` for inputs of ``in_features`` columns.
+
+    Raises:
+        ConfigError: The CNN is asked for while the features are not image-shaped.
+    """
+    if config.backbone == "mlp":
+        return MLPBackbone(
+            in_features, config.widths, config.norm, config.activation, config.dropout
+        )
+    shape = config.image_shape or _square_image(in_features)
+    if math.prod(shape) != in_features:
+        raise ConfigError(
+            f"model.backbone=cnn needs image-shaped features, but {in_features} features do not "
+            f"make an image of shape {list(shape)}. Turn PCA off (preprocess.pca.n_components: "
+            "null) or set model.image_shape"
+        )
+    return ConvBackbone(shape, config.channels, config.norm, config.activation, config.dropout)
+
+
+def build_head(in_features: int, n_classes: int) -> nn.Module:
+    """A new linear classification head: (batch, in_features) -> (batch, n_classes) logits."""
+    return nn.Linear(in_features, n_classes)
+
+
+def init_weights(module: nn.Module, scheme: str, seed: int | None = None) -> None:
+    """Re-initialize the weights of every linear and conv layer in ``module`` in place.
+
+    ``default`` keeps PyTorch's own initialization; biases are zeroed by the other schemes.
+    """
+    if scheme == "default":
+        return
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    for layer in module.modules():
+        if not isinstance(layer, nn.Linear | nn.Conv2d):
+            continue
+        weight = layer.weight
+        with torch.no_grad():
+            if scheme == "xavier":
+                nn.init.xavier_uniform_(weight, generator=generator)
+            elif scheme == "he":
+                nn.init.kaiming_normal_(weight, nonlinearity="relu", generator=generator)
+            else:  # "normal"
+                nn.init.normal_(weight, std=0.02, generator=generator)
+            if layer.bias is not None:
+                layer.bias.zero_()
+
+
+def count_parameters(module: nn.Module) -> dict[str, int]:
+    """Trainable and frozen parameter counts."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    return {"trainable": trainable, "frozen": frozen}
+
+
+def _square_image(in_features: int) -> tuple[int, int, int]:
+    side = math.isqrt(in_features)
+    if side * side != in_features:
+        raise ConfigError(
+            f"model.backbone=cnn: {in_features} features are not a square image; turn PCA off "
+            "(preprocess.pca.n_components: null) or set model.image_shape: [channels, height, "
+            "width]"
+        )
+    return (1, side, side)
+
+
+NETWORK_FORMAT = 1
+
+
+def save_network(
+    path: str | Path,
+    backbone: nn.Module | None,
+    model_config: ModelConfig,
+    in_features: int,
+    head: nn.Module | None = None,
+    **meta: Any,
+) -> None:
+    """Save weights with what rebuilding them needs (architecture, input width, ``meta``).
+
+    ``backbone=None`` records that no backbone was produced; ``meta["reason"]`` says why.
+    """
+    torch.save(
+        {
+            "format": NETWORK_FORMAT,
+            "model": model_config.model_dump(mode="json"),
+            "in_features": in_features,
+            "backbone": None if backbone is None else backbone.state_dict(),
+            "head": None if head is None else head.state_dict(),
+            **meta,
+        },
+        path,
+    )
+
+
+def load_network(path: str | Path) -> dict[str, Any]:
+    """The saved dictionary of :func:`save_network` (weights only: nothing is unpickled)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_backbone(saved: dict[str, Any], in_features: int, origin: str) -> nn.Module:
+    """Rebuild a saved backbone for features of width ``in_features``.
+
+    Raises:
+        ConfigError: Nothing was saved, or the backbone expects another input width.
+    """
+    if saved["backbone"] is None:
+        raise ConfigError(
+            f"{origin} holds no backbone ({saved.get('reason', 'none was trained')}); use "
+            "train.mode: scratch, or set train.backbone to a registered backbone"
+        )
+    if saved["in_features"] != in_features:
+        raise ConfigError(
+            f"the backbone from {origin} takes {saved['in_features']} features but the "
+            f"preprocessed data has {in_features}; pretrain it on the same preprocessing "
+            "(preprocess.*) or choose a matching backbone"
+        )
+    backbone = build_backbone(ModelConfig(**saved["model"]), in_features)
+    backbone.load_state_dict(saved["backbone"])
+    return backbone
+
+
+def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A saved target model as ``nn.Sequential(backbone, head)`` in eval mode, and its metadata."""
+    saved = load_network(path)
+    backbone = load_backbone(saved, saved["in_features"], str(path))
+    head = build_head(backbone.out_features, len(saved["classes"]))
+    head.load_state_dict(saved["head"])
+    meta = {k: v for k, v in saved.items() if k not in ("backbone", "head")}
+    return nn.Sequential(backbone, head).eval(), meta

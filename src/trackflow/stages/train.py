@@ -1,0 +1,100 @@
+"""Train: adapt a backbone to the target task by fine-tuning or feature extraction, or from scratch.
+
+The backbone comes from ``train.backbone``: the pretrain stage's output (``--backbone``), a
+registered ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``, or a ``runs:/`` URI; ``train.mode:
+scratch`` ignores it and starts from random weights. Writes the target model to ``--model-out``,
+``--metrics``, and ``--run-out`` (the MLflow run id the evaluation stages append to).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from trackflow.stages import add_params_argument, stage_main
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from trackflow.stages.training_run import TrainingRun
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_params_argument(parser)
+    parser.add_argument("--data", type=Path, required=True, help="folder written by preprocess")
+    parser.add_argument("--backbone", type=Path, required=True, help="pretrain stage's backbone")
+    parser.add_argument("--model-out", type=Path, required=True, help="target model file")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
+    parser.add_argument("--run-out", type=Path, required=True, help="run JSON file")
+    parser.add_argument("--resume", type=Path, help="Lightning checkpoint to resume from")
+
+
+def run(args: argparse.Namespace) -> None:
+    from trackflow.config import load_params
+    from trackflow.stages.training_run import TrainingRun
+    from trackflow.training import transfer_callbacks
+
+    params = load_params(args.params)
+    config = params.train
+    with TrainingRun(params, config, "target", args.data, "train") as training:
+        backbone, origin = _backbone(training, args.backbone)
+        ratio = 1.0 if config.mode == "scratch" else config.backbone_lr_ratio
+        callbacks = transfer_callbacks(config.mode, config.unfreeze_at_epoch, ratio)
+        tags = {"mode": config.mode, **origin}
+        training.fit(backbone, ratio, callbacks, tags, resume_from=args.resume)
+        if not training.is_writer:
+            return
+        network = training.log_network(args.model_out.name, with_head=True)
+        training.write_outputs(
+            network, args.model_out, args.metrics, args.run_out, mode=config.mode, **origin
+        )
+
+
+def _backbone(training: TrainingRun, pretrained: Path) -> tuple[nn.Module, dict[str, str]]:
+    """The backbone to adapt and tags saying where it came from."""
+    from trackflow.models import load_backbone, load_network
+    from trackflow.registry import resolve
+
+    config = training.params.train
+    if config.mode == "scratch" or config.backbone is None:
+        return training.new_backbone(), {"backbone_source": "none (trained from scratch)"}
+    training.data.setup()
+    if config.backbone == "pretrained":
+        saved = load_network(pretrained)
+        origin = {"backbone_source": str(pretrained), "backbone_run_id": str(saved.get("run_id"))}
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            resolved = resolve(training.tracking, config.backbone, folder)
+            saved = load_network(_network_file(resolved.path, config.backbone))
+        origin = {
+            "backbone_source": config.backbone,
+            "backbone_run_id": str(resolved.run_id),
+            "backbone_version": str(resolved.version),
+        }
+    return load_backbone(saved, training.data.n_features, origin["backbone_source"]), origin
+
+
+def _network_file(path: Path, uri: str) -> Path:
+    from trackflow.errors import ConfigError
+
+    if path.is_file():
+        return path
+    candidates = sorted(path.glob("*.pt"))
+    if len(candidates) != 1:
+        raise ConfigError(f"{uri!r} should hold one saved network (.pt), found {len(candidates)}")
+    return candidates[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main(__doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

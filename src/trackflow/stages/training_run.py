@@ -1,0 +1,179 @@
+"""What the pretrain and train stages share: one MLflow run around one fitted candidate.
+
+The run is created by rank 0 only and addressed by its id; other ranks of a distributed run train
+and then write nothing. Outputs are written all together once training succeeded; the run ends
+FINISHED, or FAILED if anything raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from lightning.pytorch import seed_everything
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.model_summary import ModelSummary
+from torch import nn
+
+from trackflow.config import OptimizationConfig, Params, flatten_params
+from trackflow.io import atomic_outputs, read_json, write_json
+from trackflow.models import build_backbone, build_head, init_weights, save_network
+from trackflow.tracking import TAG_PREFIX, log_metrics, log_params, setup_tracking
+from trackflow.training import (
+    ClassifierLitModule,
+    EpochReport,
+    FeatureDataModule,
+    accuracy,
+    fit_classifier,
+    summary_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TrainingRun:
+    """Context manager: data of one task, an MLflow run, fitting, and the stage's outputs.
+
+    Args:
+        params: The validated params.
+        config: The stage's optimization section (``params.pretrain`` or ``params.train``).
+        task: ``"source"`` or ``"target"``.
+        data_dir: Folder written by the preprocess stage.
+        name: Stage name, used as run name and metric prefix.
+    """
+
+    def __init__(
+        self, params: Params, config: OptimizationConfig, task: str, data_dir: Path, name: str
+    ) -> None:
+        self.params, self.config, self.name = params, config, name
+        self.data_dir = data_dir
+        self.data = FeatureDataModule(
+            data_dir, task, params.data.label_column, config.batch_size, params.base.seed
+        )
+        self.tracking = setup_tracking(params.base.mlflow)
+        self.is_writer = rank_zero_only.rank == 0
+        self.run_id: str | None = None
+        self.metrics: dict[str, float] = {}
+        self._checkpoints = tempfile.TemporaryDirectory(prefix=f"trackflow-{name}-")
+
+    def __enter__(self) -> TrainingRun:
+        seed_everything(self.params.base.seed, workers=True, verbose=False)
+        if self.is_writer:
+            run = self.tracking.client.create_run(
+                self.tracking.experiment_id,
+                run_name=self.name,
+                tags={
+                    TAG_PREFIX + "stage": self.name,
+                    TAG_PREFIX + "data_digest": read_json(self.data_dir / "meta.json")[
+                        "dataset_digest"
+                    ],
+                },
+            )
+            self.run_id = run.info.run_id
+            log_params(self.tracking, self.run_id, flatten_params(self.params))
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._checkpoints.cleanup()
+        if self.run_id is not None:
+            status = "FINISHED" if error is None else "FAILED"
+            self.tracking.client.set_terminated(self.run_id, status=status)
+
+    def has_task(self) -> bool:
+        """Whether the preprocessed data holds this run's task."""
+        return (self.data_dir / f"{self.data.task}_train.parquet").exists()
+
+    def new_backbone(self) -> nn.Module:
+        """A freshly initialized backbone of the configured architecture."""
+        self.data.setup()
+        backbone = build_backbone(self.params.model, self.data.n_features)
+        init_weights(backbone, self.params.model.init, self.params.base.seed)
+        return backbone
+
+    def fit(
+        self,
+        backbone: nn.Module,
+        backbone_lr_ratio: float,
+        callbacks: list[Any],
+        tags: dict[str, str],
+        resume_from: Path | None = None,
+    ) -> None:
+        """Put a new head on ``backbone``, fit both, keep the best weights and log the run."""
+        self.data.setup()
+        head = build_head(backbone.out_features, len(self.data.classes))
+        init_weights(head, self.params.model.init, self.params.base.seed)
+        self.module = ClassifierLitModule(backbone, head, self.config, backbone_lr_ratio)
+        if self.run_id is not None:
+            self.tracking.client.log_batch(
+                self.run_id,
+                tags=[_tag(TAG_PREFIX + key, value) for key, value in tags.items()],
+            )
+        report = EpochReport(self.tracking, self.run_id)
+        trainer, checkpoint = fit_classifier(
+            self.module,
+            self.data,
+            self.config,
+            self._checkpoints.name,
+            [*callbacks, report],
+            resume_from,
+        )
+        self.is_writer = trainer.is_global_zero
+        if not self.is_writer:
+            return
+        self.metrics = summary_metrics(trainer, checkpoint, self.name) | {
+            f"{self.name}/best_val_acc": accuracy(self.module, self.data.datasets["val"])
+        }
+        log_metrics(self.tracking, self.run_id, self.metrics)
+        client = self.tracking.client
+        client.log_text(
+            self.run_id, str(ModelSummary(self.module, max_depth=3)), "model_summary.txt"
+        )
+        if checkpoint.best_model_path:
+            client.log_artifact(self.run_id, checkpoint.best_model_path, "checkpoints")
+        log.info("%s: %s", self.name, ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items()))
+
+    def log_network(self, file_name: str, with_head: bool) -> Path:
+        """Save the fitted network under ``file_name`` and log it to the run as ``<name>/``."""
+        local = Path(self._checkpoints.name) / file_name
+        save_network(
+            local,
+            self.module.backbone,
+            self.params.model,
+            self.data.n_features,
+            head=self.module.head if with_head else None,
+            classes=self.data.classes,
+            feature_columns=self.data.feature_columns,
+            label_column=self.params.data.label_column,
+            run_id=self.run_id,
+        )
+        self.tracking.client.log_artifact(self.run_id, str(local), self.name)
+        return local
+
+    def write_outputs(
+        self, network: Path, network_out: Path, metrics_out: Path, run_out: Path, **meta: Any
+    ) -> None:
+        """Write the network, the metrics file and the run file (run id for later stages)."""
+        run_info = {"run_id": self.run_id, "experiment_id": self.tracking.experiment_id} | meta
+        with atomic_outputs(network_out, metrics_out, run_out) as (
+            network_tmp,
+            metrics_tmp,
+            run_tmp,
+        ):
+            shutil.copyfile(network, network_tmp)
+            write_json(self.metrics, metrics_tmp)
+            write_json(run_info, run_tmp)
+
+
+def _tag(key: str, value: str) -> Any:
+    from mlflow.entities import RunTag
+
+    return RunTag(key, str(value))

@@ -1,0 +1,411 @@
+"""Lightning training: data module, classifier module, transfer-learning callbacks, epoch logging.
+
+Transfer learning follows Lightning's own fine-tuning template: the backbone is injected, never
+built or downloaded inside the module, and the mode is a ``BaseFinetuning`` callback that freezes
+or unfreezes it, not a branch in ``training_step``. The optimizer only ever holds trainable
+parameters, in named groups (``head``, ``backbone``) whose learning rates are logged every epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import BaseFinetuning, EarlyStopping, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from trackflow.config import OptimizationConfig, ScheduleConfig
+from trackflow.errors import DataError
+from trackflow.io import read_table
+from trackflow.models import count_parameters
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+class FeatureDataModule(pl.LightningDataModule):
+    """The preprocessed parts of one task as tensors; labels become indices into ``classes``.
+
+    Args:
+        folder: Folder of ``{task}_{split}.parquet`` tables written by the preprocess stage.
+        task: ``"source"`` or ``"target"``.
+        label_column: Class column of the tables.
+        batch_size: Rows per training batch.
+        seed: Seed of the training loader's shuffling.
+    """
+
+    def __init__(
+        self, folder: str | Path, task: str, label_column: str, batch_size: int, seed: int
+    ) -> None:
+        super().__init__()
+        self.folder = Path(folder)
+        self.task = task
+        self.label_column = label_column
+        self.batch_size = batch_size
+        self.seed = seed
+        self.tables: dict[str, pd.DataFrame] = {}
+        self.datasets: dict[str, TensorDataset] = {}
+        self.classes: list[Any] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the task's parts once; later calls are no-ops."""
+        if self.datasets:
+            return
+        for split in SPLITS:
+            path = self.folder / f"{self.task}_{split}.parquet"
+            if not path.exists():
+                raise DataError(
+                    f"{path} is missing: there is no {self.task} task in the preprocessed data"
+                    + (" (data.source_classes is null)" if self.task == "source" else "")
+                )
+            self.tables[split] = read_table(path)
+        self.classes = sorted(self.tables["train"][self.label_column].unique().tolist(), key=str)
+        index = {label: i for i, label in enumerate(self.classes)}
+        for split, table in self.tables.items():
+            features = torch.tensor(
+                table.drop(columns=self.label_column).to_numpy(), dtype=torch.float32
+            )
+            labels = torch.tensor(table[self.label_column].map(index).to_numpy(), dtype=torch.long)
+            self.datasets[split] = TensorDataset(features, labels)
+
+    @property
+    def n_features(self) -> int:
+        """Width of the feature vectors."""
+        return self.tables["train"].shape[1] - 1
+
+    @property
+    def feature_columns(self) -> list[str]:
+        """Names of the feature columns, in order."""
+        return [c for c in self.tables["train"].columns if c != self.label_column]
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, seeded batches of the training rows."""
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.datasets["train"], batch_size=self.batch_size, shuffle=True, generator=generator
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation rows in order."""
+        return DataLoader(self.datasets["val"], batch_size=max(self.batch_size, 512))
+
+    def test_dataloader(self) -> DataLoader:
+        """Test rows in order."""
+        return DataLoader(self.datasets["test"], batch_size=max(self.batch_size, 512))
+
+
+class LrFactor:
+    """Learning-rate factor of an epoch for a schedule (picklable, so checkpoints keep it)."""
+
+    def __init__(self, schedule: ScheduleConfig, max_epochs: int) -> None:
+        self.kind = schedule.kind
+        self.step_size = schedule.step_size
+        self.gamma = schedule.gamma
+        self.decay_rate = schedule.decay_rate
+        self.max_epochs = max_epochs
+
+    def __call__(self, epoch: int) -> float:
+        """Multiplier of the initial learning rate at ``epoch`` (0-based)."""
+        if self.kind == "step":
+            return self.gamma ** (epoch // self.step_size)
+        if self.kind == "exponential":
+            return self.gamma**epoch
+        if self.kind == "inverse_time":
+            return 1.0 / (1.0 + self.decay_rate * epoch)
+        if self.kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(epoch, self.max_epochs) / self.max_epochs))
+        return 1.0
+
+
+def build_optimizer(
+    groups: list[dict[str, Any]], config: OptimizationConfig
+) -> torch.optim.Optimizer:
+    """The configured optimizer over named parameter groups."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    optimizer = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+class ClassifierLitModule(pl.LightningModule):
+    """A backbone and a head trained with cross-entropy; one shared ``model_step``.
+
+    Args:
+        backbone: Feature extractor, (batch, in_features) -> (batch, out_features).
+        head: Classifier, (batch, out_features) -> (batch, n_classes).
+        optimization: Optimizer, schedule and epochs.
+        backbone_lr_ratio: The backbone's learning rate as a fraction of the head's.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        optimization: OptimizationConfig,
+        backbone_lr_ratio: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.optimization = optimization
+        self.backbone_lr_ratio = backbone_lr_ratio
+        n_classes = head.out_features
+        self.train_acc = MulticlassAccuracy(num_classes=n_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=n_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, (batch, n_classes)."""
+        return self.head(self.backbone(x))
+
+    def model_step(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and predicted classes of a batch."""
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits, y), logits.argmax(dim=1)
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One optimization step; logs ``train/loss`` and ``train/acc`` per epoch."""
+        loss, preds = self.model_step(batch)
+        self.train_acc(preds, batch[1])
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        """Logs ``val/loss`` and ``val/acc`` per epoch."""
+        loss, preds = self.model_step(batch)
+        self.val_acc(preds, batch[1])
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """Optimizer over the trainable parameters only, and a per-epoch schedule."""
+        lr = self.optimization.lr
+        groups = [
+            {"name": name, "params": params, "lr": lr * ratio}
+            for name, module, ratio in (
+                ("head", self.head, 1.0),
+                ("backbone", self.backbone, self.backbone_lr_ratio),
+            )
+            if (params := [p for p in module.parameters() if p.requires_grad])
+        ]
+        optimizer = build_optimizer(groups, self.optimization)
+        factor = LrFactor(self.optimization.schedule, self.optimization.max_epochs)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor] * len(groups))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
+
+
+class BackboneFreezing(BaseFinetuning):
+    """Transfer mode as a callback: the backbone is frozen until ``unfreeze_at_epoch``.
+
+    ``unfreeze_at_epoch=None`` is feature extraction: the backbone never unfreezes and stays in eval
+    mode, so its normalization statistics do not move. ``unfreeze_at_epoch=0`` is fine-tuning from
+    the first step. When the backbone unfreezes, it joins the optimizer as the ``backbone`` group at
+    ``backbone_lr_ratio`` x the head's rate, scheduled like the head.
+
+    Lightning restores the optimizer's groups on resume but calls ``freeze_before_training`` again,
+    which would silently leave an already-unfrozen backbone frozen; ``on_fit_start`` repairs that.
+    """
+
+    def __init__(self, unfreeze_at_epoch: int | None, backbone_lr_ratio: float) -> None:
+        super().__init__()
+        self.unfreeze_at_epoch = unfreeze_at_epoch
+        self.backbone_lr_ratio = backbone_lr_ratio
+
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        """Freeze the backbone unless fine-tuning starts at once."""
+        if self.unfreeze_at_epoch != 0:
+            self.freeze(pl_module.backbone, train_bn=False)
+
+    def finetune_function(
+        self, pl_module: pl.LightningModule, epoch: int, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Unfreeze the backbone at ``unfreeze_at_epoch`` and add it to the optimizer."""
+        if self.unfreeze_at_epoch is None or epoch != self.unfreeze_at_epoch or epoch == 0:
+            return
+        head_lr = optimizer.param_groups[0]["lr"]
+        self.unfreeze_and_add_param_group(
+            pl_module.backbone, optimizer, lr=head_lr * self.backbone_lr_ratio, train_bn=True
+        )
+        optimizer.param_groups[-1]["name"] = "backbone"
+        _schedule_new_group(pl_module.trainer, optimizer)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Restore param groups on resume, and make a restored backbone group trainable again."""
+        super().on_fit_start(trainer, pl_module)
+        in_optimizer = {
+            id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]
+        }
+        if any(id(p) in in_optimizer for p in pl_module.backbone.parameters()):
+            self.make_trainable(pl_module.backbone)
+            for optimizer in trainer.optimizers:
+                _schedule_new_group(trainer, optimizer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Apply the schedule of freezing; keep a frozen backbone in eval mode."""
+        super().on_train_epoch_start(trainer, pl_module)
+        if not any(p.requires_grad for p in pl_module.backbone.parameters()):
+            pl_module.backbone.eval()
+
+
+def _schedule_new_group(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+    """Extend per-group schedulers to groups added to ``optimizer`` after they were built."""
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        if scheduler.optimizer is not optimizer or not hasattr(scheduler, "lr_lambdas"):
+            continue
+        for group in optimizer.param_groups[len(scheduler.base_lrs) :]:
+            group.setdefault("initial_lr", group["lr"])
+            scheduler.base_lrs.append(group["initial_lr"])
+            scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
+
+
+class EpochReport(pl.Callback):
+    """Per-epoch metrics, learning rates and parameter counts: to MLflow and/or as plain lines.
+
+    MLflow gets one batched call per epoch, against an explicit ``run_id``, from rank 0 only.
+    """
+
+    def __init__(
+        self, tracking: Any | None = None, run_id: str | None = None, prefix: str = ""
+    ) -> None:
+        self.tracking = tracking
+        self.run_id = run_id
+        self.prefix = prefix
+        self.print_lines = not sys.stderr.isatty()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Report the epoch that just ended (training and validation)."""
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        metrics = epoch_metrics(trainer, pl_module)
+        if self.tracking is not None and self.run_id is not None:
+            from trackflow.tracking import log_metrics
+
+            named = {f"{self.prefix}{k}": v for k, v in metrics.items()}
+            log_metrics(self.tracking, self.run_id, named, step=trainer.current_epoch)
+        if self.print_lines:
+            shown = " ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("train/", "val/"))
+            )
+            log.info("epoch %d/%d %s", trainer.current_epoch + 1, trainer.max_epochs, shown)
+
+
+def epoch_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+    """The epoch's logged metrics, each group's learning rate and the parameter counts."""
+    metrics = {
+        k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))
+    }
+    for optimizer in trainer.optimizers:
+        for i, group in enumerate(optimizer.param_groups):
+            metrics[f"lr/{group.get('name', i)}"] = float(group["lr"])
+    counts = count_parameters(pl_module)
+    metrics["params/trainable"] = counts["trainable"]
+    metrics["params/frozen"] = counts["frozen"]
+    return metrics
+
+
+def build_trainer(
+    config: OptimizationConfig,
+    checkpoint_dir: str | Path,
+    callbacks: Sequence[pl.Callback] = (),
+) -> tuple[pl.Trainer, ModelCheckpoint]:
+    """A Trainer with the configured scale-out, best-checkpointing on ``val/loss``, early stopping.
+
+    Returns:
+        The trainer and its checkpoint callback (``best_model_path`` after ``fit``).
+    """
+    checkpoint = ModelCheckpoint(
+        dirpath=checkpoint_dir, filename="best", monitor="val/loss", mode="min", save_last=True
+    )
+    stopping = (
+        [EarlyStopping(monitor="val/loss", patience=config.early_stopping_patience)]
+        if config.early_stopping_patience
+        else []
+    )
+    trainer = pl.Trainer(
+        max_epochs=config.max_epochs,
+        accelerator=config.trainer.accelerator,
+        devices=config.trainer.devices,
+        strategy=config.trainer.strategy,
+        num_nodes=config.trainer.num_nodes,
+        deterministic=config.deterministic,
+        gradient_clip_val=config.gradient_clip_val,
+        callbacks=[checkpoint, *stopping, *callbacks],
+        logger=False,
+        enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False,
+        default_root_dir=str(checkpoint_dir),
+    )
+    return trainer, checkpoint
+
+
+def transfer_callbacks(
+    mode: str, unfreeze_at_epoch: int, backbone_lr_ratio: float
+) -> list[pl.Callback]:
+    """The callback implementing a transfer mode (none for training from scratch)."""
+    if mode == "feature_extraction":
+        return [BackboneFreezing(None, backbone_lr_ratio)]
+    if mode == "finetune":
+        return [BackboneFreezing(unfreeze_at_epoch, backbone_lr_ratio)]
+    return []
+
+
+def fit_classifier(
+    module: ClassifierLitModule,
+    data: FeatureDataModule,
+    config: OptimizationConfig,
+    checkpoint_dir: str | Path,
+    callbacks: Sequence[pl.Callback] = (),
+    resume_from: str | Path | None = None,
+) -> tuple[pl.Trainer, ModelCheckpoint]:
+    """Fit, then load the best checkpoint's weights (lowest ``val/loss``) back into ``module``.
+
+    Returns:
+        The trainer (``is_global_zero`` tells the process that may write outputs) and its
+        checkpoint callback (``best_model_path``, ``best_model_score``).
+    """
+    trainer, checkpoint = build_trainer(config, checkpoint_dir, callbacks)
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    if trainer.is_global_zero and checkpoint.best_model_path:
+        best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
+        module.load_state_dict(best["state_dict"])
+    return trainer, checkpoint
+
+
+def summary_metrics(
+    trainer: pl.Trainer, checkpoint: ModelCheckpoint, prefix: str
+) -> dict[str, float]:
+    """The numbers a stage writes to its DVC metrics file."""
+    counts = count_parameters(trainer.lightning_module)
+    best = checkpoint.best_model_score
+    return {
+        f"{prefix}/best_val_loss": float(best) if best is not None else math.nan,
+        f"{prefix}/epochs": trainer.current_epoch,
+        f"{prefix}/params_trainable": counts["trainable"],
+        f"{prefix}/params_frozen": counts["frozen"],
+    }
+
+
+@torch.no_grad()
+def accuracy(network: nn.Module, dataset: TensorDataset) -> float:
+    """Fraction of rows of ``dataset`` whose predicted class is right."""
+    network.eval()
+    features, labels = dataset.tensors
+    return float((network(features).argmax(dim=1) == labels).float().mean())
