@@ -239,11 +239,14 @@ class BackboneFreezing(BaseFinetuning):
         """Unfreeze the backbone at ``unfreeze_at_epoch`` and add it to the optimizer."""
         if self.unfreeze_at_epoch is None or epoch != self.unfreeze_at_epoch or epoch == 0:
             return
-        head_lr = optimizer.param_groups[0]["lr"]
+        head = optimizer.param_groups[0]
         self.unfreeze_and_add_param_group(
-            pl_module.backbone, optimizer, lr=head_lr * self.backbone_lr_ratio, train_bn=True
+            pl_module.backbone, optimizer, lr=head["lr"] * self.backbone_lr_ratio, train_bn=True
         )
-        optimizer.param_groups[-1]["name"] = "backbone"
+        backbone = optimizer.param_groups[-1]
+        backbone["name"] = "backbone"
+        # The schedule's base rate: what the head started at, not where it has decayed to.
+        backbone["initial_lr"] = head.get("initial_lr", head["lr"]) * self.backbone_lr_ratio
         _schedule_new_group(pl_module.trainer, optimizer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

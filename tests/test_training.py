@@ -1,0 +1,379 @@
+"""Lightning training with transfer learning, on the digits' preprocessed parts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from trackflow.config import ModelConfig, OptimizationConfig, ScheduleConfig
+from trackflow.io import read_json
+from trackflow.models import build_backbone, build_head, count_parameters, load_classifier
+from trackflow.stages.ingest import main as ingest
+from trackflow.stages.preprocess import main as preprocess
+from trackflow.stages.pretrain import main as pretrain
+from trackflow.stages.split import main as split
+from trackflow.stages.train import main as train
+from trackflow.training import (
+    BackboneFreezing,
+    ClassifierLitModule,
+    FeatureDataModule,
+    LrFactor,
+    build_trainer,
+    transfer_callbacks,
+)
+from tests.conftest import REPO_ROOT
+
+LABEL = "target"
+QUICK = {"pretrain.max_epochs": 3, "train.max_epochs": 3, "model.widths": [32, 16]}
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits, split and preprocessed (16 PCA components) once for the whole module."""
+    folder = tmp_path_factory.mktemp("data")
+    params = folder / "params.yaml"
+    params.write_text(
+        (REPO_ROOT / "params.yaml").read_text().replace("n_components: 0.95", "n_components: 16")
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder}/mlflow.db")
+        patch.chdir(folder)
+        assert ingest(["--params", str(params), "--out", "ingested"]) == 0
+        assert (
+            split(
+                ["--params", str(params), "--dataset", "ingested/dataset.parquet", "--out", "split"]
+            )
+            == 0
+        )
+        assert (
+            preprocess(
+                [
+                    "--params",
+                    str(params),
+                    "--splits",
+                    "split",
+                    "--out",
+                    "processed",
+                    "--preprocessor",
+                    "p.joblib",
+                    "--metrics",
+                    "m.json",
+                    "--plots",
+                    "plots",
+                ]
+            )
+            == 0
+        )
+    return folder / "processed"
+
+
+def data_module(processed: Path, task: str = "target") -> FeatureDataModule:
+    data = FeatureDataModule(processed, task, LABEL, batch_size=64, seed=0)
+    data.setup()
+    return data
+
+
+def lit_module(data: FeatureDataModule, ratio: float = 1.0, **optim: object) -> ClassifierLitModule:
+    backbone = build_backbone(ModelConfig(widths=(32, 16)), data.n_features)
+    head = build_head(backbone.out_features, len(data.classes))
+    return ClassifierLitModule(backbone, head, OptimizationConfig(**optim), ratio)
+
+
+def fit(module, data, tmp_path, callbacks=(), epochs=3, resume=None, **optim):
+    config = OptimizationConfig(max_epochs=epochs, early_stopping_patience=None, **optim)
+    trainer, checkpoint = build_trainer(config, tmp_path / "ckpt", list(callbacks))
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    return trainer, checkpoint
+
+
+def groups(trainer: pl.Trainer) -> dict[str, float]:
+    return {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}
+
+
+@pytest.mark.parametrize(
+    ("mode", "frozen_backbone", "group_names"),
+    [
+        ("finetune", False, {"head", "backbone"}),
+        ("feature_extraction", True, {"head"}),
+        ("scratch", False, {"head", "backbone"}),
+    ],
+)
+def test_trainable_parameters_per_mode(
+    processed, tmp_path, mode, frozen_backbone, group_names
+) -> None:
+    data = data_module(processed)
+    ratio = 1.0 if mode == "scratch" else 0.1
+    module = lit_module(data, ratio, lr=1e-3, schedule=ScheduleConfig(kind="none"))
+    before = [p.detach().clone() for p in module.backbone.parameters()]
+    trainer, _ = fit(module, data, tmp_path, transfer_callbacks(mode, 0, ratio), epochs=2)
+    counts = count_parameters(module)
+    head_size = sum(p.numel() for p in module.head.parameters())
+    backbone_size = sum(p.numel() for p in module.backbone.parameters())
+    if frozen_backbone:
+        assert counts == {"trainable": head_size, "frozen": backbone_size}
+    else:
+        assert counts == {"trainable": head_size + backbone_size, "frozen": 0}
+    assert set(groups(trainer)) == group_names
+    if "backbone" in group_names:
+        assert groups(trainer)["backbone"] == pytest.approx(ratio * groups(trainer)["head"])
+    moved = any(not torch.equal(a, b) for a, b in zip(before, module.backbone.parameters()))
+    assert moved != frozen_backbone
+
+
+def test_feature_extraction_keeps_normalization_statistics(processed, tmp_path) -> None:
+    data = data_module(processed)
+    module = lit_module(data)
+    stats = {k: v.clone() for k, v in module.backbone.state_dict().items() if "running" in k}
+    fit(module, data, tmp_path, transfer_callbacks("feature_extraction", 0, 0.1), epochs=2)
+    after = module.backbone.state_dict()
+    assert stats and all(torch.equal(v, after[k]) for k, v in stats.items())
+
+
+def test_finetuning_unfreezes_at_the_given_epoch(processed, tmp_path) -> None:
+    data = data_module(processed)
+    module = lit_module(data, 0.1, lr=1e-3, schedule=ScheduleConfig(kind="none"))
+
+    class Watch(pl.Callback):
+        frozen: list[bool] = []
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.frozen.append(not any(p.requires_grad for p in pl_module.backbone.parameters()))
+
+    watch = Watch()
+    trainer, _ = fit(module, data, tmp_path, [BackboneFreezing(2, 0.1), watch], epochs=4)
+    assert watch.frozen == [True, True, False, False]
+    assert groups(trainer) == pytest.approx({"head": 1e-3, "backbone": 1e-4})
+
+
+def test_freeze_state_survives_resuming_from_a_checkpoint(processed, tmp_path) -> None:
+    data = data_module(processed)
+    module = lit_module(data, 0.1, lr=1e-3, schedule=ScheduleConfig(kind="step", step_size=1))
+    _, checkpoint = fit(module, data, tmp_path, [BackboneFreezing(1, 0.1)], epochs=3)
+    resumed = lit_module(data, 0.1, lr=1e-3, schedule=ScheduleConfig(kind="step", step_size=1))
+    start = tmp_path / "ckpt" / "last.ckpt"
+    saved = torch.load(start, weights_only=False)["state_dict"]
+    trainer, _ = fit(
+        resumed,
+        data,
+        tmp_path / "again",
+        [BackboneFreezing(1, 0.1)],
+        epochs=5,
+        resume=start,
+        lr=1e-3,
+        schedule=ScheduleConfig(kind="step", step_size=1),
+    )
+    assert all(p.requires_grad for p in resumed.backbone.parameters())
+    moved = [
+        k
+        for k, v in resumed.backbone.state_dict().items()
+        if "weight" in k and not torch.equal(v, saved[f"backbone.{k}"])
+    ]
+    assert moved, "the backbone did not train after resuming"
+    assert groups(trainer)["backbone"] == pytest.approx(0.1 * groups(trainer)["head"])
+    assert groups(trainer)["head"] == pytest.approx(1e-3 * 0.5**5)  # stepped after each of 5 epochs
+
+
+def test_loss_decreases_on_tiny_data(processed, tmp_path) -> None:
+    data = data_module(processed)
+    losses = []
+
+    class Record(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            losses.append(float(trainer.callback_metrics["train/loss"]))
+
+    kind = ScheduleConfig(kind="none")
+    fit(
+        lit_module(data, lr=3e-3, schedule=kind),
+        data,
+        tmp_path,
+        [Record()],
+        epochs=5,
+        schedule=kind,
+    )
+    assert losses == sorted(losses, reverse=True)
+    assert losses[-1] < 0.6 * losses[0]
+
+
+@pytest.mark.parametrize("kind", ["step", "exponential", "inverse_time", "cosine", "none"])
+def test_schedules(kind) -> None:
+    factor = LrFactor(ScheduleConfig(kind=kind, step_size=2, gamma=0.5, decay_rate=1.0), 4)
+    expected = {
+        "step": [1, 1, 0.5, 0.5, 0.25],
+        "exponential": [1, 0.5, 0.25, 0.125, 0.0625],
+        "inverse_time": [1, 1 / 2, 1 / 3, 1 / 4, 1 / 5],
+        "cosine": [1, 0.8536, 0.5, 0.1464, 0],
+        "none": [1] * 5,
+    }[kind]
+    assert [factor(epoch) for epoch in range(5)] == pytest.approx(expected, abs=1e-4)
+
+
+def test_cnn_backbone_needs_image_shaped_features() -> None:
+    from trackflow.errors import ConfigError
+
+    cnn = ModelConfig(backbone="cnn", channels=(8, 16))
+    assert build_backbone(cnn, 64)(torch.zeros(2, 64)).shape == (2, 16)
+    with pytest.raises(ConfigError, match="40 features are not a square image"):
+        build_backbone(cnn, 40)
+
+
+# Stages, with a real MLflow store -------------------------------------------------------------
+
+
+def run_stage(stage, params: Path, processed: Path, **extra: str) -> int:
+    argv = ["--params", str(params), "--data", str(processed)]
+    if stage is pretrain:
+        argv += [
+            "--backbone-out",
+            "backbone.pt",
+            "--metrics",
+            "pretrain.json",
+            "--run-out",
+            "pretrain_run.json",
+        ]
+    else:
+        argv += [
+            "--backbone",
+            "backbone.pt",
+            "--model-out",
+            "model.pt",
+            "--metrics",
+            "train.json",
+            "--run-out",
+            "train_run.json",
+        ]
+    return stage(argv + [item for pair in extra.items() for item in pair])
+
+
+def test_train_stage_records_one_complete_mlflow_run(processed, write_params) -> None:
+    from mlflow import MlflowClient
+
+    params = write_params(QUICK)
+    assert run_stage(pretrain, params, processed) == 0
+    assert run_stage(train, params, processed) == 0
+    run_id = read_json("train_run.json")["run_id"]
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "train"
+    assert run.data.params["train.mode"] == "finetune"
+    assert run.data.params["model.widths"] == "[32, 16]"
+    assert run.data.tags["trackflow.backbone_run_id"] == read_json("pretrain_run.json")["run_id"]
+    assert len(run.data.tags["trackflow.data_digest"]) == 16
+    history = client.get_metric_history(run_id, "val/loss")
+    assert [m.step for m in history] == [0, 1, 2]
+    for key in ("train/loss", "val/acc", "lr/head", "lr/backbone", "params/trainable"):
+        assert len(client.get_metric_history(run_id, key)) == 3, key
+    artifacts = {
+        a.path
+        for folder in ("", "checkpoints", "train")
+        for a in client.list_artifacts(run_id, folder)
+    }
+    assert {"model_summary.txt", "checkpoints/best.ckpt", "train/model.pt"} <= artifacts
+    metrics = read_json("train.json")
+    assert metrics["train/epochs"] == 3 and 0 < metrics["train/best_val_acc"] <= 1
+    network, meta = load_classifier("model.pt")
+    assert meta["classes"] == [5, 6, 7, 8, 9] and meta["run_id"] == run_id
+
+
+def test_same_params_same_data_same_metrics(processed, write_params) -> None:
+    params = write_params(QUICK | {"train.mode": "scratch"})
+    assert run_stage(train, params, processed) == 0
+    first = read_json("train.json")
+    assert run_stage(train, params, processed) == 0
+    assert read_json("train.json") == first
+
+
+@pytest.mark.parametrize("uri", ["models:/trackflow-backbone@champion", "runs:/{run_id}/pretrain"])
+def test_backbone_from_the_registry_or_a_run(processed, write_params, uri) -> None:
+    from mlflow import MlflowClient
+
+    assert run_stage(pretrain, write_params(QUICK), processed) == 0
+    pretrain_run = read_json("pretrain_run.json")
+    assert (
+        pretrain_run["version"] == "1" and pretrain_run["registered_model"] == "trackflow-backbone"
+    )
+    Path("backbone.pt").unlink()  # the registry alone must be enough
+    uri = uri.format(run_id=pretrain_run["run_id"])
+    assert run_stage(train, write_params(QUICK | {"train.backbone": uri}), processed) == 0
+    tags = MlflowClient().get_run(read_json("train_run.json")["run_id"]).data.tags
+    assert tags["trackflow.backbone_source"] == uri
+    assert tags["trackflow.backbone_run_id"] == pretrain_run["run_id"]
+    pretrained = torch.load(
+        MlflowClient().download_artifacts(pretrain_run["run_id"], "pretrain/backbone.pt")
+    )
+    assert tags["trackflow.backbone_version"] == ("1" if uri.startswith("models:/") else "None")
+    assert pretrained["in_features"] == 16
+
+
+def test_backbone_of_another_width_is_a_clear_error(processed, write_params, capsys) -> None:
+    assert run_stage(pretrain, write_params(QUICK), processed) == 0
+    other = Path("narrow")
+    for part in processed.glob("*"):
+        other.mkdir(exist_ok=True)
+        if part.suffix == ".parquet":
+            table = pytest.importorskip("pandas").read_parquet(part)
+            table.drop(columns=["pca15"]).to_parquet(other / part.name)
+        else:
+            (other / part.name).write_bytes(part.read_bytes())
+    assert run_stage(train, write_params(QUICK), other) == 2
+    err = capsys.readouterr().err
+    assert "takes 16 features but the preprocessed data has 15" in err
+    assert not Path("model.pt").exists()
+
+
+def test_unknown_registry_model_is_a_clear_error(processed, write_params, capsys) -> None:
+    params = write_params(QUICK | {"train.backbone": "models:/nope@champion"})
+    assert run_stage(train, params, processed) == 2
+    assert "'models:/nope@champion' cannot be resolved" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_makes_one_run(processed, write_params, tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    trainer = {"strategy": "ddp", "devices": 2, "accelerator": "cpu", "num_nodes": 1}
+    params = write_params(QUICK | {"train.mode": "scratch", "train.trainer": trainer})
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trackflow.stages.train",
+            "--params",
+            str(params),
+            "--data",
+            str(processed),
+            "--backbone",
+            "none.pt",
+            "--model-out",
+            "model.pt",
+            "--metrics",
+            "train.json",
+            "--run-out",
+            "train_run.json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("trackflow").experiment_id])
+    assert [r.info.run_name for r in runs] == ["train"]
+    assert runs[0].info.run_id == read_json(tmp_path / "train_run.json")["run_id"]
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/loss")] == [0, 1, 2]
+    assert set(read_json(tmp_path / "train.json")) == {
+        "train/best_val_loss",
+        "train/best_val_acc",
+        "train/epochs",
+        "train/params_trainable",
+        "train/params_frozen",
+    }
