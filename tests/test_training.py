@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from tests.conftest import REPO_ROOT
 from trackflow.config import ModelConfig, OptimizationConfig, ScheduleConfig
 from trackflow.io import read_json
 from trackflow.models import build_backbone, build_head, count_parameters, load_classifier
@@ -27,7 +28,6 @@ from trackflow.training import (
     build_trainer,
     transfer_callbacks,
 )
-from tests.conftest import REPO_ROOT
 
 LABEL = "target"
 QUICK = {"pretrain.max_epochs": 3, "train.max_epochs": 3, "model.widths": [32, 16]}
@@ -122,7 +122,9 @@ def test_trainable_parameters_per_mode(
     assert set(groups(trainer)) == group_names
     if "backbone" in group_names:
         assert groups(trainer)["backbone"] == pytest.approx(ratio * groups(trainer)["head"])
-    moved = any(not torch.equal(a, b) for a, b in zip(before, module.backbone.parameters()))
+    moved = any(
+        not torch.equal(a, b) for a, b in zip(before, module.backbone.parameters(), strict=True)
+    )
     assert moved != frozen_backbone
 
 
@@ -140,7 +142,8 @@ def test_finetuning_unfreezes_at_the_given_epoch(processed, tmp_path) -> None:
     module = lit_module(data, 0.1, lr=1e-3, schedule=ScheduleConfig(kind="none"))
 
     class Watch(pl.Callback):
-        frozen: list[bool] = []
+        def __init__(self) -> None:
+            self.frozen: list[bool] = []
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             self.frozen.append(not any(p.requires_grad for p in pl_module.backbone.parameters()))
@@ -154,7 +157,7 @@ def test_finetuning_unfreezes_at_the_given_epoch(processed, tmp_path) -> None:
 def test_freeze_state_survives_resuming_from_a_checkpoint(processed, tmp_path) -> None:
     data = data_module(processed)
     module = lit_module(data, 0.1, lr=1e-3, schedule=ScheduleConfig(kind="step", step_size=1))
-    _, checkpoint = fit(module, data, tmp_path, [BackboneFreezing(1, 0.1)], epochs=3)
+    fit(module, data, tmp_path, [BackboneFreezing(1, 0.1)], epochs=3)
     resumed = lit_module(data, 0.1, lr=1e-3, schedule=ScheduleConfig(kind="step", step_size=1))
     start = tmp_path / "ckpt" / "last.ckpt"
     saved = torch.load(start, weights_only=False)["state_dict"]
@@ -276,7 +279,7 @@ def test_train_stage_records_one_complete_mlflow_run(processed, write_params) ->
     assert {"model_summary.txt", "checkpoints/best.ckpt", "train/model.pt"} <= artifacts
     metrics = read_json("train.json")
     assert metrics["train/epochs"] == 3 and 0 < metrics["train/best_val_acc"] <= 1
-    network, meta = load_classifier("model.pt")
+    _, meta = load_classifier("model.pt")
     assert meta["classes"] == [5, 6, 7, 8, 9] and meta["run_id"] == run_id
 
 

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import BaseFinetuning, EarlyStopping, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from torchmetrics.classification import MulticlassAccuracy
 
 from trackflow.config import OptimizationConfig, ScheduleConfig
 from trackflow.errors import DataError
@@ -162,9 +161,9 @@ class ClassifierLitModule(pl.LightningModule):
         self.head = head
         self.optimization = optimization
         self.backbone_lr_ratio = backbone_lr_ratio
-        n_classes = head.out_features
-        self.train_acc = MulticlassAccuracy(num_classes=n_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=n_classes, average="micro")
+        # Per-epoch sums of (loss x rows, correct rows, rows): logging once per epoch instead of
+        # once per step keeps Lightning's logging machinery out of the inner loop.
+        self._sums = {"train": torch.zeros(3), "val": torch.zeros(3)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits, (batch, n_classes)."""
@@ -176,20 +175,41 @@ class ClassifierLitModule(pl.LightningModule):
         logits = self(x)
         return F.cross_entropy(logits, y), logits.argmax(dim=1)
 
-    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """One optimization step; logs ``train/loss`` and ``train/acc`` per epoch."""
+    def _accumulate(self, split: str, batch: Sequence[torch.Tensor]) -> torch.Tensor:
         loss, preds = self.model_step(batch)
-        self.train_acc(preds, batch[1])
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        y = batch[1]
+        with torch.no_grad():
+            self._sums[split] += torch.stack(
+                [
+                    loss.detach() * len(y),
+                    (preds == y).sum().to(loss.dtype),
+                    torch.tensor(float(len(y))),
+                ]
+            )
+        return loss
+
+    def _log_epoch(self, split: str) -> None:
+        """Log ``<split>/loss`` and ``<split>/acc`` over the epoch's rows, summed across ranks."""
+        sums = self.trainer.strategy.reduce(self._sums[split], reduce_op="sum")
+        self._sums[split] = torch.zeros(3)
+        loss, correct, rows = sums.tolist()
+        self.log(f"{split}/loss", loss / rows, prog_bar=True)
+        self.log(f"{split}/acc", correct / rows, prog_bar=split == "val")
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One optimization step; ``train/loss`` and ``train/acc`` are logged after the last one."""
+        loss = self._accumulate("train", batch)
+        if self.trainer.is_last_batch:
+            self._log_epoch("train")
         return loss
 
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
-        """Logs ``val/loss`` and ``val/acc`` per epoch."""
-        loss, preds = self.model_step(batch)
-        self.val_acc(preds, batch[1])
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
-        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+        """Accumulate ``val/loss`` and ``val/acc``."""
+        self._accumulate("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation metrics of the epoch."""
+        self._log_epoch("val")
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Optimizer over the trainable parameters only, and a per-epoch schedule."""
