@@ -2,7 +2,9 @@
 
 Runs the pipeline's own stages (ingest -> split -> preprocess -> pretrain, then train once per
 mode) in a temporary folder with its own MLflow store, for several seeds, and prints one table:
-median target test accuracy and median wall time of the train stage per mode.
+median target test accuracy and median wall time of the train stage per mode, next to two
+scikit-learn references on the same rows: logistic regression on the preprocessed features, and
+on the frozen pretrained backbone's embedding (what feature extraction can reach at best).
 
     python bench/transfer_modes.py --fraction 0.05 --seeds 0 1 2
 """
@@ -100,6 +102,34 @@ def test_accuracy(folder: Path, mode: str) -> float:
         return float((network(x).argmax(1) == y).float().mean())
 
 
+def logistic_references(folder: Path) -> dict[str, tuple[float, float]]:
+    """Logistic regression on the features and on the frozen embedding: (accuracy, seconds)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from trackflow.io import read_table
+    from trackflow.models import load_backbone, load_network
+
+    train = read_table(folder / "processed/target_train.parquet")
+    test = read_table(folder / "processed/target_test.parquet")
+    label = train.columns[-1]
+    backbone = load_backbone(load_network(folder / "backbone.pt"), train.shape[1] - 1, "bench")
+
+    def embed(table):
+        x = torch.tensor(table.drop(columns=label).to_numpy(), dtype=torch.float32)
+        with torch.no_grad():
+            return backbone.eval()(x).numpy()
+
+    results = {}
+    for name, transform in (
+        ("logreg on features", lambda t: t.drop(columns=label).to_numpy()),
+        ("logreg on embedding", embed),
+    ):
+        start = time.perf_counter()
+        model = LogisticRegression(max_iter=5000).fit(transform(train), train[label])
+        results[name] = (model.score(transform(test), test[label]), time.perf_counter() - start)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fraction", type=float, default=0.05, help="data.target_train_fraction")
@@ -114,7 +144,9 @@ def main() -> None:
     args = parser.parse_args()
     from trackflow.config import set_dotted
 
-    results: dict[str, list[tuple[float, float]]] = {mode: [] for mode in MODES}
+    results: dict[str, list[tuple[float, float]]] = {
+        name: [] for name in (*MODES, "logreg on features", "logreg on embedding")
+    }
     n_rows = None
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
@@ -142,12 +174,14 @@ def main() -> None:
                 params.write_text(yaml.safe_dump(raw))
                 seconds = run_stages(folder, params, mode)
                 results[mode].append((test_accuracy(folder, mode), seconds))
+            for name, result in logistic_references(folder).items():
+                results[name].append(result)
             os.chdir(REPO)
     print(
         f"\ntarget task: digits 5-9, {n_rows} labelled training rows "
         f"(target_train_fraction={args.fraction}), seeds {args.seeds}; medians"
     )
-    print(f"{'mode':<20}{'test accuracy':>15}{'train stage s':>15}   per seed")
+    print(f"{'mode':<20}{'test accuracy':>15}{'train s':>15}   per seed")
     for mode, rows in results.items():
         accs = [a for a, _ in rows]
         print(

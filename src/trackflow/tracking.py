@@ -89,6 +89,13 @@ def log_params(tracking: Tracking, run_id: str, params: dict[str, Any]) -> None:
     )
 
 
+def set_tags(tracking: Tracking, run_id: str, tags: dict[str, Any]) -> None:
+    """Set many tags in one call."""
+    from mlflow.entities import RunTag
+
+    tracking.client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+
 def log_metrics(tracking: Tracking, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     """Log many metrics in one call."""
     import time

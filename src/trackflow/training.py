@@ -13,7 +13,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import pandas as pd
@@ -27,10 +27,12 @@ from trackflow.config import OptimizationConfig, ScheduleConfig
 from trackflow.errors import DataError
 from trackflow.io import read_table
 from trackflow.models import count_parameters
+from trackflow.split import SPLITS
+
+if TYPE_CHECKING:
+    from trackflow.tracking import Tracking
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
 
 
 class FeatureDataModule(pl.LightningDataModule):
@@ -98,10 +100,6 @@ class FeatureDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """Validation rows in order."""
         return DataLoader(self.datasets["val"], batch_size=max(self.batch_size, 512))
-
-    def test_dataloader(self) -> DataLoader:
-        """Test rows in order."""
-        return DataLoader(self.datasets["test"], batch_size=max(self.batch_size, 512))
 
 
 class LrFactor:
@@ -305,12 +303,9 @@ class EpochReport(pl.Callback):
     MLflow gets one batched call per epoch, against an explicit ``run_id``, from rank 0 only.
     """
 
-    def __init__(
-        self, tracking: Any | None = None, run_id: str | None = None, prefix: str = ""
-    ) -> None:
+    def __init__(self, tracking: Tracking | None = None, run_id: str | None = None) -> None:
         self.tracking = tracking
         self.run_id = run_id
-        self.prefix = prefix
         self.print_lines = not sys.stderr.isatty()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -321,8 +316,7 @@ class EpochReport(pl.Callback):
         if self.tracking is not None and self.run_id is not None:
             from trackflow.tracking import log_metrics
 
-            named = {f"{self.prefix}{k}": v for k, v in metrics.items()}
-            log_metrics(self.tracking, self.run_id, named, step=trainer.current_epoch)
+            log_metrics(self.tracking, self.run_id, metrics, step=trainer.current_epoch)
         if self.print_lines:
             shown = " ".join(
                 f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("train/", "val/"))

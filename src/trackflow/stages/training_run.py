@@ -22,7 +22,7 @@ from torch import nn
 from trackflow.config import OptimizationConfig, Params, flatten_params
 from trackflow.io import atomic_outputs, read_json, write_json
 from trackflow.models import build_backbone, build_head, init_weights, save_network
-from trackflow.tracking import TAG_PREFIX, log_metrics, log_params, setup_tracking
+from trackflow.tracking import TAG_PREFIX, log_metrics, log_params, set_tags, setup_tracking
 from trackflow.training import (
     ClassifierLitModule,
     EpochReport,
@@ -113,10 +113,7 @@ class TrainingRun:
         init_weights(head, self.params.model.init, self.params.base.seed)
         self.module = ClassifierLitModule(backbone, head, self.config, backbone_lr_ratio)
         if self.run_id is not None:
-            self.tracking.client.log_batch(
-                self.run_id,
-                tags=[_tag(TAG_PREFIX + key, value) for key, value in tags.items()],
-            )
+            set_tags(self.tracking, self.run_id, {TAG_PREFIX + k: v for k, v in tags.items()})
         report = EpochReport(self.tracking, self.run_id)
         trainer, checkpoint = fit_classifier(
             self.module,
@@ -171,9 +168,3 @@ class TrainingRun:
             shutil.copyfile(network, network_tmp)
             write_json(self.metrics, metrics_tmp)
             write_json(run_info, run_tmp)
-
-
-def _tag(key: str, value: str) -> Any:
-    from mlflow.entities import RunTag
-
-    return RunTag(key, str(value))
