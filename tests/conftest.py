@@ -11,6 +11,9 @@ import pytest
 import yaml
 
 from trackflow.config import set_dotted
+from trackflow.stages.ingest import main as ingest
+from trackflow.stages.preprocess import main as preprocess
+from trackflow.stages.split import main as split
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,3 +56,47 @@ def copy_project(destination: Path) -> None:
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, target)
+
+
+def run_data_stages(params: Path) -> int:
+    """ingest -> split -> preprocess into the working directory; the first non-zero exit code."""
+    steps = (
+        (ingest, ["--out", "ingested"]),
+        (split, ["--dataset", "ingested/dataset.parquet", "--out", "split"]),
+        (
+            preprocess,
+            [
+                "--splits",
+                "split",
+                "--out",
+                "processed",
+                "--preprocessor",
+                "models/preprocessor.joblib",
+                "--metrics",
+                "metrics/preprocess.json",
+                "--plots",
+                "plots",
+            ],
+        ),
+    )
+    for stage, argv in steps:
+        if code := stage(["--params", str(params), *argv]):
+            return code
+    return 0
+
+
+@pytest.fixture(scope="session")
+def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits, split and preprocessed (16 PCA components) once for the session.
+
+    Returns the ``processed`` folder; ``split`` and ``models/preprocessor.joblib`` sit beside it.
+    """
+    folder = tmp_path_factory.mktemp("data")
+    params = folder / "params.yaml"
+    text = (REPO_ROOT / "params.yaml").read_text()
+    params.write_text(text.replace("n_components: 0.95", "n_components: 16"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder}/mlflow.db")
+        patch.chdir(folder)
+        assert run_data_stages(params) == 0
+    return folder / "processed"

@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import joblib
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.decomposition import PCA
 
+from tests.conftest import run_data_stages
 from trackflow.config import DataConfig, PreprocessConfig, SplitConfig
 from trackflow.data import load_bundled, to_canonical
 from trackflow.errors import ConfigError
@@ -19,9 +18,7 @@ from trackflow.preprocessing import (
     variance_metrics,
 )
 from trackflow.split import split_table
-from trackflow.stages.ingest import main as ingest
 from trackflow.stages.preprocess import main as preprocess
-from trackflow.stages.split import main as split
 
 LABEL = "target"
 
@@ -114,36 +111,10 @@ def test_imputation_uses_the_training_median(parts) -> None:
     assert fitted.transform(row).iloc[0, 10] == features.iloc[:, 10].median()
 
 
-def run_stages(params: Path, root: Path) -> int:
-    for stage, argv in (
-        (ingest, ["--out", "ingested"]),
-        (split, ["--dataset", "ingested/dataset.parquet", "--out", "split"]),
-        (
-            preprocess,
-            [
-                "--splits",
-                "split",
-                "--out",
-                "processed",
-                "--preprocessor",
-                "models/preprocessor.joblib",
-                "--metrics",
-                "metrics/preprocess.json",
-                "--plots",
-                "plots",
-            ],
-        ),
-    ):
-        code = stage(["--params", str(params), *argv])
-        if code:
-            return code
-    return 0
-
-
 def test_stage_writes_outputs_and_tracks_them_in_mlflow(write_params, tmp_path) -> None:
     from mlflow import MlflowClient
 
-    assert run_stages(write_params({"preprocess.pca.n_components": 20}), tmp_path) == 0
+    assert run_data_stages(write_params({"preprocess.pca.n_components": 20})) == 0
     metrics = read_json(tmp_path / "metrics/preprocess.json")
     assert metrics["n_components"] == 20 and metrics["n_features_in"] == 64
     assert 0 < metrics["explained_variance"] < 1
@@ -177,7 +148,7 @@ def test_stage_runs_with_every_scaler_and_pca_setting(write_params, scaler, n_co
     params = write_params(
         {"preprocess.scaler": scaler, "preprocess.pca.n_components": n_components}
     )
-    assert run_stages(params, Path.cwd()) == 0
+    assert run_data_stages(params) == 0
     metrics = read_json("metrics/preprocess.json")
     assert metrics["n_components"] == {5: 5, None: 64}.get(n_components, metrics["n_components"])
     assert metrics["n_fit_rows"] == len(read_table("split/source_train.parquet")) + len(
@@ -199,7 +170,7 @@ def test_pca_off_on_a_table_wider_than_it_is_long(write_params, tmp_path) -> Non
             "preprocess.pca.n_components": None,
         }
     )
-    assert run_stages(params, tmp_path) == 0
+    assert run_data_stages(params) == 0
     assert read_json(tmp_path / "metrics/preprocess.json")["n_components"] == 50
 
 
@@ -216,7 +187,7 @@ def test_imputed_values_are_counted_in_the_metrics(write_params, tmp_path) -> No
             "preprocess.pca.n_components": None,
         }
     )
-    assert run_stages(params, tmp_path) == 0
+    assert run_data_stages(params) == 0
     assert read_json(tmp_path / "metrics/preprocess.json")["imputed_values"] == 3
     processed = pd.concat(read_table(p) for p in (tmp_path / "processed").glob("*.parquet"))
     assert not processed.isna().any().any()
@@ -234,7 +205,7 @@ def test_a_failure_while_writing_rolls_back_and_fails_the_run(
 
     monkeypatch.setattr(trackflow.preprocessing, "plot_spectrum", broken_plot)
     with pytest.raises(OSError, match="disk full"):
-        run_stages(write_params(), tmp_path)
+        run_data_stages(write_params())
     for name in ("processed", "models", "metrics", "plots"):
         assert not (tmp_path / name).exists(), name
     assert not list(tmp_path.glob(".*.tmp-*"))
@@ -247,7 +218,7 @@ def test_a_bad_tracking_store_is_a_config_error(
     write_params, tmp_path, capsys, monkeypatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
-    assert run_stages(write_params(), tmp_path) == 2
+    assert run_data_stages(write_params()) == 2
     assert (
         "cannot use the MLflow tracking store 'nosuchscheme://nowhere'" in capsys.readouterr().err
     )
@@ -276,7 +247,7 @@ def test_stage_needs_the_split(write_params, capsys) -> None:
 
 def test_stage_failure_leaves_no_outputs_and_no_run(write_params, tmp_path, capsys) -> None:
     params = write_params({"preprocess.pca.n_components": 500})
-    assert run_stages(params, tmp_path) == 2
+    assert run_data_stages(params) == 2
     assert "exceeds" in capsys.readouterr().err
     for name in ("processed", "models", "metrics", "plots"):
         assert not (tmp_path / name).exists(), name

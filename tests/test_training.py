@@ -11,14 +11,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
 from trackflow.config import ModelConfig, OptimizationConfig, ScheduleConfig
 from trackflow.io import read_json
 from trackflow.models import build_backbone, build_head, count_parameters, load_classifier
-from trackflow.stages.ingest import main as ingest
-from trackflow.stages.preprocess import main as preprocess
 from trackflow.stages.pretrain import main as pretrain
-from trackflow.stages.split import main as split
 from trackflow.stages.train import main as train
 from trackflow.training import (
     BackboneFreezing,
@@ -31,46 +27,6 @@ from trackflow.training import (
 
 LABEL = "target"
 QUICK = {"pretrain.max_epochs": 3, "train.max_epochs": 3, "model.widths": [32, 16]}
-
-
-@pytest.fixture(scope="module")
-def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The digits, split and preprocessed (16 PCA components) once for the whole module."""
-    folder = tmp_path_factory.mktemp("data")
-    params = folder / "params.yaml"
-    params.write_text(
-        (REPO_ROOT / "params.yaml").read_text().replace("n_components: 0.95", "n_components: 16")
-    )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder}/mlflow.db")
-        patch.chdir(folder)
-        assert ingest(["--params", str(params), "--out", "ingested"]) == 0
-        assert (
-            split(
-                ["--params", str(params), "--dataset", "ingested/dataset.parquet", "--out", "split"]
-            )
-            == 0
-        )
-        assert (
-            preprocess(
-                [
-                    "--params",
-                    str(params),
-                    "--splits",
-                    "split",
-                    "--out",
-                    "processed",
-                    "--preprocessor",
-                    "p.joblib",
-                    "--metrics",
-                    "m.json",
-                    "--plots",
-                    "plots",
-                ]
-            )
-            == 0
-        )
-    return folder / "processed"
 
 
 def data_module(processed: Path, task: str = "target") -> FeatureDataModule:
@@ -380,3 +336,28 @@ def test_ddp_on_two_cpu_processes_makes_one_run(processed, write_params, tmp_pat
         "train/params_trainable",
         "train/params_frozen",
     }
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)],
+)
+def test_optimizer_choices(name, kind) -> None:
+    from trackflow.training import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    config = OptimizationConfig(optimizer=name, lr=0.01, weight_decay=0.1, momentum=0.8)
+    optimizer = build_optimizer([{"params": params, "name": "head"}], config)
+    assert type(optimizer) is kind
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 0.01 and group["weight_decay"] == 0.1
+    if name == "sgd":
+        assert group["momentum"] == 0.8
+
+
+def test_trainer_gets_clipping_and_scale_out_settings(tmp_path) -> None:
+    config = OptimizationConfig(gradient_clip_val=0.5, early_stopping_patience=3)
+    trainer, checkpoint = build_trainer(config, tmp_path)
+    assert trainer.gradient_clip_val == 0.5
+    assert checkpoint.monitor == "val/loss"
+    assert any(type(c).__name__ == "EarlyStopping" for c in trainer.callbacks)

@@ -291,6 +291,62 @@ class TrainConfig(OptimizationConfig):
         return self
 
 
+class DiagnosisConfig(_Section):
+    """Thresholds of the training-curve diagnosis."""
+
+    flat_tolerance: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Training loss whose best value is less than this fraction below its first "
+        "value: not learning (underfitting).",
+    )
+    rise_tolerance: float = Field(
+        0.1,
+        gt=0,
+        description="Validation loss ending more than this fraction above its minimum while "
+        "training loss keeps falling: overfitting.",
+    )
+
+
+class EvaluateConfig(_Section):
+    """Held-out evaluation of the trained candidate."""
+
+    calibration_bins: PositiveInt = Field(10, ge=2, description="Bins of the reliability diagram.")
+    diagnosis: DiagnosisConfig = DiagnosisConfig()
+    baselines: bool = Field(
+        True, description="Also fit scikit-learn baselines on the same features and split."
+    )
+
+
+DetectorName = Literal["knn", "mahalanobis", "pca_reconstruction", "isolation_forest"]
+
+
+class AnomalyConfig(_Section):
+    """Detectors of inputs unlike the target training data, fitted on its training rows only."""
+
+    detectors: tuple[DetectorName, ...] = Field(
+        ("knn", "mahalanobis", "pca_reconstruction", "isolation_forest"), min_length=1
+    )
+    detector: DetectorName | Literal["best"] = Field(
+        "best", description="Detector saved with the model; 'best' = highest validation AUROC."
+    )
+    target_fpr: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="False-positive rate on validation rows that sets the threshold.",
+    )
+    knn_neighbors: PositiveInt = 5
+    pca_variance: float = Field(
+        0.9, gt=0, lt=1, description="Variance kept by the reconstruction detector's PCA."
+    )
+    noise_scale: float = Field(
+        1.0, gt=0, description="Gaussian noise corruption, in training standard deviations."
+    )
+    feature_scale: float = Field(3.0, gt=0, description="Feature-scaling corruption factor.")
+
+
 class Params(_Section):
     """The whole ``params.yaml``."""
 
@@ -301,6 +357,8 @@ class Params(_Section):
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    anomaly: AnomalyConfig = AnomalyConfig()
 
 
 def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Params:

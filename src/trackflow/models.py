@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -268,3 +269,17 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     head.load_state_dict(saved["head"])
     meta = {k: v for k, v in saved.items() if k not in ("backbone", "head")}
     return nn.Sequential(backbone, head).eval(), meta
+
+
+@torch.no_grad()
+def predict_proba(network: nn.Module, features: Any) -> Any:
+    """Class probabilities, shape (n_rows, n_classes), of a classifier from :func:`load_classifier`."""
+    x = torch.tensor(np.asarray(features), dtype=torch.float32)
+    return torch.softmax(network.eval()(x), dim=1).numpy()
+
+
+@torch.no_grad()
+def embed(network: nn.Module, features: Any) -> Any:
+    """The backbone's embedding, shape (n_rows, out_features), of a :func:`load_classifier` model."""
+    x = torch.tensor(np.asarray(features), dtype=torch.float32)
+    return network.eval()[0](x).numpy()

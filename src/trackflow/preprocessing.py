@@ -130,11 +130,9 @@ def variance_metrics(preprocessor: Pipeline, n_features: int) -> dict[str, float
 
 def plot_spectrum(spectrum: pd.DataFrame, n_kept: int, path: str | Path) -> None:
     """Scree plot (per-component variance) with the cumulative curve and the kept cut-off."""
-    import matplotlib
+    from trackflow.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
     ax.bar(
         spectrum["component"],

@@ -348,6 +348,8 @@ def build_trainer(
     Returns:
         The trainer and its checkpoint callback (``best_model_path`` after ``fit``).
     """
+    # Lightning sets its logger to INFO when imported and then repeats our log lines; keep warnings.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir, filename="best", monitor="val/loss", mode="min", save_last=True
     )

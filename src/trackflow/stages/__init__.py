@@ -46,8 +46,6 @@ def configure_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    # Lightning prints its own copy of each INFO line (hardware found, tips); warnings still show.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
 
 def execute(run: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:

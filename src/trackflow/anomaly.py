@@ -1,0 +1,369 @@
+"""Detectors of inputs unlike the healthy training data, and the anomalies they are tested on.
+
+Detectors follow scikit-learn's outlier-detector contract: ``fit(X)`` on healthy rows only returns
+``self``; ``score_samples(X)`` is higher for more normal rows; ``predict(X)`` is ``1`` for inliers and
+``-1`` for outliers; learned state ends in ``_``. The threshold is set apart from fitting, on
+validation rows, at a target false-positive rate (:func:`calibrate_threshold`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+#: Which input each detector reads: the network's embedding or the preprocessed features.
+SPACES = {
+    "knn": "embedding",
+    "mahalanobis": "embedding",
+    "pca_reconstruction": "features",
+    "isolation_forest": "features",
+}
+
+
+class _ThresholdMixin(OutlierMixin):
+    """``predict`` from ``score_samples`` and a ``threshold_`` (rows scoring below are outliers)."""
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """1 for inliers, -1 for outliers, shape (n_rows,)."""
+        check_is_fitted(self, "threshold_")
+        return np.where(self.score_samples(X) < self.threshold_, -1, 1)
+
+
+class KNNDetector(_ThresholdMixin, BaseEstimator):
+    """Mean distance to the ``n_neighbors`` nearest training rows (negated: higher = more normal)."""
+
+    def __init__(self, n_neighbors: int = 5) -> None:
+        self.n_neighbors = n_neighbors
+
+    def fit(self, X: np.ndarray, y: None = None) -> KNNDetector:
+        """Remember the healthy rows, shape (n_rows, n_dims)."""
+        from sklearn.neighbors import NearestNeighbors
+
+        X = validate_data(self, X)
+        self.neighbors_ = NearestNeighbors(n_neighbors=min(self.n_neighbors, len(X))).fit(X)
+        self.threshold_ = -np.inf
+        return self
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        """Negated mean distance to the nearest training rows, shape (n_rows,)."""
+        check_is_fitted(self, "neighbors_")
+        X = validate_data(self, X, reset=False)
+        distances, _ = self.neighbors_.kneighbors(X)
+        return -distances.mean(axis=1)
+
+
+class MahalanobisDetector(_ThresholdMixin, BaseEstimator):
+    """Squared Mahalanobis distance to the training rows' mean, with a shrunk covariance."""
+
+    def fit(self, X: np.ndarray, y: None = None) -> MahalanobisDetector:
+        """Estimate mean and (Ledoit-Wolf) precision of the healthy rows, shape (n_rows, n_dims)."""
+        from sklearn.covariance import LedoitWolf
+
+        X = validate_data(self, X)
+        estimate = LedoitWolf().fit(X)
+        self.location_ = estimate.location_
+        self.precision_ = estimate.precision_
+        self.threshold_ = -np.inf
+        return self
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        """Negated squared Mahalanobis distance, shape (n_rows,)."""
+        check_is_fitted(self, "precision_")
+        centered = validate_data(self, X, reset=False) - self.location_
+        return -np.einsum("ij,jk,ik->i", centered, self.precision_, centered)
+
+
+class PCAReconstructionDetector(_ThresholdMixin, BaseEstimator):
+    """Error of reconstructing a row from the healthy rows' principal components."""
+
+    def __init__(self, variance: float = 0.9, random_state: int | None = None) -> None:
+        self.variance = variance
+        self.random_state = random_state
+
+    def fit(self, X: np.ndarray, y: None = None) -> PCAReconstructionDetector:
+        """Fit a PCA keeping ``variance`` of the healthy rows, shape (n_rows, n_dims)."""
+        from sklearn.decomposition import PCA
+
+        X = validate_data(self, X)
+        self.pca_ = PCA(n_components=self.variance, random_state=self.random_state).fit(X)
+        self.threshold_ = -np.inf
+        return self
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        """Negated squared reconstruction error, shape (n_rows,)."""
+        check_is_fitted(self, "pca_")
+        X = validate_data(self, X, reset=False)
+        restored = self.pca_.inverse_transform(self.pca_.transform(X))
+        return -((X - restored) ** 2).sum(axis=1)
+
+
+class IsolationForestDetector(_ThresholdMixin, BaseEstimator):
+    """scikit-learn's IsolationForest, with the threshold set like the other detectors'."""
+
+    def __init__(self, random_state: int | None = None) -> None:
+        self.random_state = random_state
+
+    def fit(self, X: np.ndarray, y: None = None) -> IsolationForestDetector:
+        """Grow the forest on the healthy rows, shape (n_rows, n_dims)."""
+        from sklearn.ensemble import IsolationForest
+
+        X = validate_data(self, X)
+        self.forest_ = IsolationForest(random_state=self.random_state).fit(X)
+        self.threshold_ = -np.inf
+        return self
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        """The forest's score: lower for rows isolated in fewer splits, shape (n_rows,)."""
+        check_is_fitted(self, "forest_")
+        return self.forest_.score_samples(validate_data(self, X, reset=False))
+
+
+def build_detector(name: str, config: Any, seed: int) -> _ThresholdMixin:
+    """An unfitted detector named as in ``anomaly.detectors``."""
+    if name == "knn":
+        return KNNDetector(n_neighbors=config.knn_neighbors)
+    if name == "mahalanobis":
+        return MahalanobisDetector()
+    if name == "pca_reconstruction":
+        return PCAReconstructionDetector(variance=config.pca_variance, random_state=seed)
+    return IsolationForestDetector(random_state=seed)
+
+
+def calibrate_threshold(detector: _ThresholdMixin, X_val: np.ndarray, target_fpr: float) -> float:
+    """Set ``threshold_`` so that a ``target_fpr`` share of healthy validation rows is flagged."""
+    detector.threshold_ = float(np.quantile(detector.score_samples(X_val), target_fpr))
+    return detector.threshold_
+
+
+def corrupt(
+    raw: pd.DataFrame, reference: pd.DataFrame, noise_scale: float, feature_scale: float, seed: int
+) -> dict[str, pd.DataFrame]:
+    """Corrupted copies of healthy raw rows, one table per kind of corruption.
+
+    Args:
+        raw: Healthy rows' raw features, shape (n_rows, n_features).
+        reference: Training rows' raw features, for per-feature scale, range and mean.
+        noise_scale: Gaussian noise's standard deviation, in training standard deviations.
+        feature_scale: Factor every feature is multiplied by.
+        seed: Seed of the noise and of the constant rows' values.
+
+    Returns:
+        ``gaussian_noise``, ``inverted``, ``constant`` and ``scaled`` tables, shaped like ``raw``.
+    """
+    rng = np.random.default_rng(seed)
+    std = reference.std().replace(0, 1).to_numpy()
+    low, high = reference.min().to_numpy(), reference.max().to_numpy()
+    values = raw.to_numpy()
+    constants = rng.uniform(reference.mean().min(), reference.mean().max(), size=(len(raw), 1))
+    corrupted = {
+        "gaussian_noise": values + rng.normal(size=values.shape) * std * noise_scale,
+        "inverted": low + high - values,
+        "constant": np.repeat(constants, values.shape[1], axis=1),
+        "scaled": values * feature_scale,
+    }
+    return {
+        name: pd.DataFrame(v, columns=raw.columns, index=raw.index) for name, v in corrupted.items()
+    }
+
+
+def detection_metrics(
+    normal_scores: np.ndarray, anomaly_scores: np.ndarray, threshold: float
+) -> dict[str, float]:
+    """AUROC, AUPRC (anomaly = positive) and recall at the threshold, from ``score_samples``."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    y = np.r_[np.zeros(len(normal_scores)), np.ones(len(anomaly_scores))]
+    anomaly_score = -np.r_[normal_scores, anomaly_scores]
+    return {
+        "auroc": float(roc_auc_score(y, anomaly_score)),
+        "auprc": float(average_precision_score(y, anomaly_score)),
+        "recall_at_fpr": float((anomaly_scores < threshold).mean()),
+    }
+
+
+@dataclass(frozen=True)
+class AnomalySets:
+    """Healthy rows to fit, calibrate and test on, and held-out anomalies, all preprocessed."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    val_anomalies: dict[str, np.ndarray]
+    test_anomalies: dict[str, np.ndarray]
+
+
+def anomaly_sets(
+    processed: dict[str, pd.DataFrame],
+    raw: dict[str, pd.DataFrame],
+    preprocessor: Any,
+    label_column: str,
+    config: Any,
+    seed: int,
+) -> AnomalySets:
+    """Assemble healthy target rows and anomalies for validation and test.
+
+    Args:
+        processed: Preprocessed parts by name (``"target_train"``, ``"source_test"``, ...).
+        raw: Raw parts by name, as split (the corruptions are made in raw feature space).
+        preprocessor: The fitted preprocessor, applied to corrupted rows like to any input.
+        label_column: Class column to drop.
+        config: ``params.anomaly``.
+        seed: Seed of the corruptions (the test's differ from the validation's).
+    """
+
+    def features(table: pd.DataFrame) -> pd.DataFrame:
+        return table.drop(columns=label_column)
+
+    anomalies: dict[str, dict[str, np.ndarray]] = {}
+    for offset, split in enumerate(("val", "test")):
+        found = {}
+        if f"source_{split}" in processed:
+            found["source_classes"] = features(processed[f"source_{split}"]).to_numpy()
+        corrupted = corrupt(
+            features(raw[f"target_{split}"]),
+            features(raw["target_train"]),
+            config.noise_scale,
+            config.feature_scale,
+            seed + offset,
+        )
+        for name, table in corrupted.items():
+            found[name] = np.asarray(preprocessor.transform(table), dtype=float)
+        anomalies[split] = found
+    return AnomalySets(
+        *(features(processed[f"target_{s}"]).to_numpy() for s in ("train", "val", "test")),
+        val_anomalies=anomalies["val"],
+        test_anomalies=anomalies["test"],
+    )
+
+
+@dataclass
+class DetectorReport:
+    """Fitted detectors, their validation AUROC, test metrics and scores, and the chosen one."""
+
+    detectors: dict[str, Any]
+    val_auroc: dict[str, float]
+    metrics: dict[str, dict[str, dict[str, float]]]
+    scores: dict[str, dict[str, np.ndarray]]
+    selected: str
+    target_fpr: float
+
+    def selected_bundle(self) -> dict[str, Any]:
+        """What the packaged model needs: the fitted detector, its input space, its name."""
+        return {
+            "name": self.selected,
+            "space": SPACES[self.selected],
+            "detector": self.detectors[self.selected],
+            "target_fpr": self.target_fpr,
+        }
+
+    def table(self) -> pd.DataFrame:
+        """One row per detector and anomaly type."""
+        return pd.DataFrame(
+            [
+                {"detector": name, "anomaly": kind, **values, "val_auroc": self.val_auroc[name]}
+                for name, per_kind in self.metrics.items()
+                for kind, values in per_kind.items()
+            ]
+        )
+
+
+def evaluate_detectors(sets: AnomalySets, network: Any, config: Any, seed: int) -> DetectorReport:
+    """Fit every configured detector, calibrate it, score it; choose the one to keep.
+
+    ``network`` is the target classifier (``nn.Sequential(backbone, head)``); embedding-space
+    detectors read its backbone's output.
+    """
+    from trackflow.models import embed
+
+    def inputs(space: str, x: np.ndarray) -> np.ndarray:
+        return embed(network, x) if space == "embedding" else x
+
+    detectors, val_auroc, metrics, scores = {}, {}, {}, {}
+    for name in config.detectors:
+        space = SPACES[name]
+        detector = build_detector(name, config, seed).fit(inputs(space, sets.train))
+        calibrate_threshold(detector, inputs(space, sets.val), config.target_fpr)
+        val_normal = detector.score_samples(inputs(space, sets.val))
+        val_anomalous = np.concatenate(
+            [detector.score_samples(inputs(space, x)) for x in sets.val_anomalies.values()]
+        )
+        val_auroc[name] = detection_metrics(val_normal, val_anomalous, detector.threshold_)["auroc"]
+        test_scores = {"normal": detector.score_samples(inputs(space, sets.test))}
+        test_scores |= {
+            k: detector.score_samples(inputs(space, x)) for k, x in sets.test_anomalies.items()
+        }
+        kinds = [k for k in test_scores if k != "normal"]
+        metrics[name] = {
+            kind: detection_metrics(test_scores["normal"], test_scores[kind], detector.threshold_)
+            for kind in kinds
+        }
+        metrics[name]["all"] = detection_metrics(
+            test_scores["normal"],
+            np.concatenate([test_scores[k] for k in kinds]),
+            detector.threshold_,
+        )
+        detectors[name], scores[name] = detector, test_scores
+    selected = max(val_auroc, key=val_auroc.get) if config.detector == "best" else config.detector
+    if selected not in detectors:
+        from trackflow.errors import ConfigError
+
+        raise ConfigError(
+            f"anomaly.detector={selected!r} is not among anomaly.detectors {list(config.detectors)}"
+        )
+    return DetectorReport(detectors, val_auroc, metrics, scores, selected, config.target_fpr)
+
+
+def plot_histograms(report: DetectorReport, path: Any) -> None:
+    """Per detector: anomaly-score histograms of healthy test rows and each anomaly type."""
+    from trackflow.plotting import pyplot
+
+    plt = pyplot()
+    names = list(report.scores)
+    fig, axes = plt.subplots(
+        1, len(names), figsize=(4.5 * len(names), 3.8), constrained_layout=True, squeeze=False
+    )
+    for ax, name in zip(axes[0], names, strict=True):
+        # Scores span orders of magnitude (constant rows are far out): log-spaced bins, on scores
+        # shifted to start at 1.
+        shift = 1 - min(-v.max() for v in report.scores[name].values())
+        values = {kind: -v + shift for kind, v in report.scores[name].items()}
+        everything = np.concatenate(list(values.values()))
+        bins = np.geomspace(everything.min(), everything.max(), 40)
+        for kind, scores in values.items():
+            ax.hist(scores, bins=bins, alpha=0.5, label=kind)
+        threshold = -report.detectors[name].threshold_ + shift
+        ax.axvline(threshold, color="black", linestyle="--", label="threshold")
+        ax.set(title=name, xlabel="anomaly score, shifted (log scale)", ylabel="rows", xscale="log")
+    axes[0][0].legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_roc(report: DetectorReport, path: Any) -> None:
+    """ROC curves of every detector on all test anomalies against healthy test rows."""
+    from sklearn.metrics import roc_curve
+
+    from trackflow.plotting import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5), constrained_layout=True)
+    for name, scores in report.scores.items():
+        normal = scores["normal"]
+        anomalous = np.concatenate([v for k, v in scores.items() if k != "normal"])
+        y = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
+        fpr, tpr, _ = roc_curve(y, -np.r_[normal, anomalous])
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {report.metrics[name]['all']['auroc']:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set(
+        xlabel="false-positive rate",
+        ylabel="true-positive rate",
+        title="Anomaly detection on test rows",
+    )
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

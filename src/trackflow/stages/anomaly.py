@@ -1,0 +1,91 @@
+"""Anomaly: detectors fitted on healthy target training rows, tested on anomalies none of them saw.
+
+Each detector in ``anomaly.detectors`` is fitted on the target training rows (in the network's
+embedding or the preprocessed features), and its threshold set on the target validation rows at
+``anomaly.target_fpr``. Held-out anomalies: the source task's classes, and target rows corrupted by
+Gaussian noise, inverted intensities, constant rows and feature scaling (corrupted in raw feature
+space, then preprocessed like any input). Validation anomalies choose the detector saved to
+``--detector-out``; test anomalies give AUROC, AUPRC and recall at the threshold, per anomaly type
+and overall, for every detector (``--metrics``, figures in ``--plots``, all on the train run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from trackflow.stages import add_params_argument, require_inputs, stage_main
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_params_argument(parser)
+    parser.add_argument("--data", type=Path, required=True, help="folder written by preprocess")
+    parser.add_argument("--splits", type=Path, required=True, help="folder written by split")
+    parser.add_argument("--preprocessor", type=Path, required=True, help="fitted preprocessor")
+    parser.add_argument("--model", type=Path, required=True, help="target model (train stage)")
+    parser.add_argument("--run", type=Path, required=True, help="train stage's run JSON file")
+    parser.add_argument("--detector-out", type=Path, required=True, help="detector file to write")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
+    parser.add_argument("--plots", type=Path, required=True, help="folder for figures and data")
+
+
+def run(args: argparse.Namespace) -> None:
+    import joblib
+
+    from trackflow import anomaly as an
+    from trackflow.config import load_params
+    from trackflow.io import atomic_outputs, read_json, read_table, write_json
+    from trackflow.models import load_classifier
+    from trackflow.stages.scoring import log_to_run
+    from trackflow.tracking import setup_tracking
+
+    params = load_params(args.params)
+    config = params.anomaly
+    require_inputs(args.model, args.run, made_by="train")
+    network, meta = load_classifier(args.model)
+    require_inputs(args.preprocessor, args.splits / "summary.json", made_by="preprocess")
+    names = read_json(args.splits / "summary.json")["parts"]
+    processed = {name: read_table(args.data / f"{name}.parquet") for name in names}
+    raw = {name: read_table(args.splits / f"{name}.parquet") for name in names if "target" in name}
+    sets = an.anomaly_sets(
+        processed,
+        raw,
+        joblib.load(args.preprocessor),
+        params.data.label_column,
+        config,
+        params.base.seed,
+    )
+    report = an.evaluate_detectors(sets, network, config, params.base.seed)
+    tracking = setup_tracking(params.base.mlflow)
+    run_id = read_json(args.run)["run_id"]
+    outputs = (args.detector_out, args.metrics, args.plots)
+    with atomic_outputs(*outputs) as (detector_file, metrics_file, plots):
+        plots.mkdir()
+        joblib.dump(report.selected_bundle(), detector_file)
+        write_json(report.metrics, metrics_file)
+        report.table().to_csv(plots / "detectors.csv", index=False)
+        an.plot_histograms(report, plots / "score_histograms.png")
+        an.plot_roc(report, plots / "roc_curves.png")
+        tags = {
+            "anomaly_detector": report.selected,
+            "anomaly_threshold": f"{report.detectors[report.selected].threshold_:.6g}",
+        }
+        log_to_run(tracking, run_id, {"anomaly": report.metrics}, tags, plots, "anomaly")
+    log.info(
+        "anomaly detectors (test AUROC, all anomalies): %s; saved %s",
+        {n: round(m["all"]["auroc"], 4) for n, m in report.metrics.items()},
+        report.selected,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main(__doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Evaluate: held-out metrics, figures, the training-curve diagnosis and baselines, on the train run.
+
+Scores the target model on the target test rows: accuracy, macro-F1, per-class precision and
+recall, log loss, one-vs-rest ROC-AUC, expected calibration error. Writes them to ``--metrics``
+(DVC metrics), the figures and their data to ``--plots``, and logs everything to the training
+candidate's MLflow run (``--run``), with the diagnosis of its loss curves as a tag. scikit-learn
+baselines fitted on the same features and split are logged beside the model's accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from trackflow.stages import add_params_argument, require_inputs, stage_main
+
+log = logging.getLogger(__name__)
+
+HISTORY_KEYS = {
+    "train_loss": "train/loss",
+    "val_loss": "val/loss",
+    "train_acc": "train/acc",
+    "val_acc": "val/acc",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_params_argument(parser)
+    parser.add_argument("--data", type=Path, required=True, help="folder written by preprocess")
+    parser.add_argument("--model", type=Path, required=True, help="target model (train stage)")
+    parser.add_argument("--run", type=Path, required=True, help="train stage's run JSON file")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
+    parser.add_argument("--plots", type=Path, required=True, help="folder for figures and data")
+
+
+def run(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from trackflow import evaluation as ev
+    from trackflow.config import load_params
+    from trackflow.io import atomic_outputs, read_json, write_json
+    from trackflow.models import load_classifier, predict_proba
+    from trackflow.stages.scoring import labelled_arrays, log_to_run
+    from trackflow.tracking import setup_tracking
+
+    params = load_params(args.params)
+    require_inputs(args.model, args.run, made_by="train")
+    network, meta = load_classifier(args.model)
+    classes = meta["classes"]
+    x_test, y_test = labelled_arrays(args.data / "target_test.parquet", meta)
+    proba = predict_proba(network, x_test)
+    metrics = {
+        "test": ev.classification_metrics(y_test, proba, classes, params.evaluate.calibration_bins)
+    }
+    if params.evaluate.baselines:
+        x_train, y_train = labelled_arrays(args.data / "target_train.parquet", meta)
+        metrics["baseline"] = ev.baseline_accuracies(
+            x_train, y_train, x_test, y_test, params.base.seed
+        )
+    tracking = setup_tracking(params.base.mlflow)
+    run_id = read_json(args.run)["run_id"]
+    history = pd.DataFrame(
+        {
+            name: [
+                m.value
+                for m in sorted(
+                    tracking.client.get_metric_history(run_id, key), key=lambda m: m.step
+                )
+            ]
+            for name, key in HISTORY_KEYS.items()
+        }
+    )
+    history.insert(0, "epoch", range(1, len(history) + 1))
+    diagnosis = ev.diagnose(history["train_loss"], history["val_loss"], params.evaluate.diagnosis)
+    pred = proba.argmax(axis=1)
+    reliability = ev.reliability_table(y_test, proba, params.evaluate.calibration_bins)
+    per_class = pd.DataFrame(metrics["test"]["per_class"]).T.rename_axis("class").reset_index()
+    with atomic_outputs(args.metrics, args.plots) as (metrics_file, plots):
+        plots.mkdir()
+        write_json(metrics, metrics_file)
+        ev.confusion_table(y_test, pred, classes).to_csv(plots / "confusion.csv", index=False)
+        history.to_csv(plots / "history.csv", index=False)
+        per_class.to_csv(plots / "per_class.csv", index=False)
+        reliability.to_csv(plots / "reliability.csv", index=False)
+        ev.plot_confusion(y_test, pred, classes, plots / "confusion_matrix.png")
+        ev.plot_curves(history, diagnosis, plots / "curves.png")
+        ev.plot_per_class(metrics["test"]["per_class"], plots / "per_class.png")
+        ev.plot_reliability(reliability, metrics["test"]["ece"], plots / "reliability.png")
+        tags = {"diagnosis": diagnosis.state, "diagnosis_reason": diagnosis.reason}
+        log_to_run(tracking, run_id, metrics, tags, plots, "evaluate")
+    log.info(
+        "test accuracy %.4f, macro-F1 %.4f, ECE %.4f; baselines %s; diagnosis: %s (%s)",
+        metrics["test"]["accuracy"],
+        metrics["test"]["macro_f1"],
+        metrics["test"]["ece"],
+        metrics.get("baseline", {}),
+        diagnosis.state,
+        diagnosis.reason,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main(__doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Anomaly detectors on planted outliers, thresholds, no test-row fitting, and the stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+
+from tests.test_evaluation import trained_model
+from trackflow.anomaly import (
+    AnomalySets,
+    IsolationForestDetector,
+    KNNDetector,
+    MahalanobisDetector,
+    PCAReconstructionDetector,
+    calibrate_threshold,
+    corrupt,
+    evaluate_detectors,
+)
+from trackflow.config import AnomalyConfig
+from trackflow.io import read_json
+from trackflow.stages.anomaly import main as anomaly
+
+DETECTORS = [
+    KNNDetector(n_neighbors=5),
+    MahalanobisDetector(),
+    PCAReconstructionDetector(variance=0.9, random_state=0),
+    IsolationForestDetector(random_state=0),
+]
+
+
+def healthy(n: int, seed: int) -> np.ndarray:
+    """Rows near a 3-d subspace of 8 dimensions, correlated like real features."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 3)) @ rng.normal(size=(3, 8)) + 0.1 * rng.normal(size=(n, 8))
+
+
+@pytest.mark.parametrize("detector", DETECTORS, ids=lambda d: type(d).__name__)
+def test_planted_outliers_are_found_at_the_chosen_false_positive_rate(detector) -> None:
+    rng = np.random.default_rng(1)
+    everything = healthy(1200, 0)
+    train, val, test = everything[:400], everything[400:800], everything[800:]
+    outliers = rng.normal(size=(100, 8)) * 4
+    fitted = clone(detector).fit(train)
+    threshold = calibrate_threshold(fitted, val, target_fpr=0.05)
+    assert np.mean(fitted.score_samples(val) < threshold) == pytest.approx(0.05, abs=1 / 400)
+    assert np.mean(fitted.predict(test) == -1) == pytest.approx(0.05, abs=0.04)
+    assert np.mean(fitted.predict(outliers) == -1) > 0.9
+
+
+@pytest.mark.parametrize("detector", DETECTORS, ids=lambda d: type(d).__name__)
+def test_estimator_contract(detector) -> None:
+    unfitted = clone(detector)
+    assert not [k for k in vars(unfitted) if k.endswith("_")]
+    with pytest.raises(NotFittedError):
+        unfitted.score_samples(healthy(5, 0))
+    assert unfitted.fit(healthy(50, 0)) is unfitted
+    with pytest.raises(ValueError, match="features"):
+        unfitted.score_samples(np.zeros((3, 5)))
+
+
+def test_detectors_are_fitted_on_training_rows_only(processed) -> None:
+    import torch
+
+    from trackflow.config import ModelConfig
+    from trackflow.models import build_backbone, build_head
+
+    rng = np.random.default_rng(0)
+    sets = AnomalySets(
+        train=rng.normal(size=(200, 16)),
+        val=rng.normal(size=(100, 16)),
+        test=rng.normal(size=(100, 16)),
+        val_anomalies={"far": rng.normal(size=(20, 16)) + 5},
+        test_anomalies={"far": rng.normal(size=(20, 16)) + 5},
+    )
+    backbone = build_backbone(ModelConfig(widths=(8,)), 16)
+    network = torch.nn.Sequential(backbone, build_head(8, 3))
+    config = AnomalyConfig()
+    report = evaluate_detectors(sets, network, config, seed=0)
+    shifted = AnomalySets(
+        sets.train,
+        sets.val,
+        sets.test + 100,
+        sets.val_anomalies,
+        {"far": sets.test_anomalies["far"] * 3},
+    )
+    again = evaluate_detectors(shifted, network, config, seed=0)
+    assert report.detectors["knn"].neighbors_.n_samples_fit_ == 200
+    np.testing.assert_allclose(
+        report.detectors["pca_reconstruction"].pca_.mean_, sets.train.mean(axis=0)
+    )
+    for name in config.detectors:  # test rows changed, fitted state and threshold did not
+        assert report.detectors[name].threshold_ == again.detectors[name].threshold_
+    assert report.val_auroc == again.val_auroc
+
+
+def test_corruptions_keep_shape_and_change_rows() -> None:
+    raw = pd.DataFrame(np.arange(24.0).reshape(6, 4), columns=list("abcd"))
+    corrupted = corrupt(raw, raw, noise_scale=1.0, feature_scale=3.0, seed=0)
+    assert set(corrupted) == {"gaussian_noise", "inverted", "constant", "scaled"}
+    for table in corrupted.values():
+        assert table.shape == raw.shape and not np.allclose(table, raw)
+    assert (corrupted["constant"].nunique(axis=1) == 1).all()
+    np.testing.assert_allclose(
+        corrupted["inverted"]["a"], raw["a"].min() + raw["a"].max() - raw["a"]
+    )
+
+
+def test_anomaly_stage_writes_one_table_and_the_selected_detector(processed, write_params) -> None:
+    from mlflow import MlflowClient
+
+    params = trained_model(processed, write_params)
+    data = processed.parent
+    code = anomaly(
+        [
+            "--params",
+            str(params),
+            "--data",
+            str(processed),
+            "--splits",
+            str(data / "split"),
+            "--preprocessor",
+            str(data / "models/preprocessor.joblib"),
+            "--model",
+            "model.pt",
+            "--run",
+            "run.json",
+            "--detector-out",
+            "detector.joblib",
+            "--metrics",
+            "anomaly.json",
+            "--plots",
+            "plots",
+        ]
+    )
+    assert code == 0
+    metrics = read_json("anomaly.json")
+    kinds = {"source_classes", "gaussian_noise", "inverted", "constant", "scaled", "all"}
+    assert set(metrics) == {"knn", "mahalanobis", "pca_reconstruction", "isolation_forest"}
+    for per_kind in metrics.values():
+        assert set(per_kind) == kinds
+        assert all(set(m) == {"auroc", "auprc", "recall_at_fpr"} for m in per_kind.values())
+    bundle = joblib.load("detector.joblib")
+    run = MlflowClient().get_run(read_json("run.json")["run_id"])
+    assert run.data.tags["trackflow.anomaly_detector"] == bundle["name"]
+    assert bundle["space"] in {"embedding", "features"} and np.isfinite(
+        bundle["detector"].threshold_
+    )
+    assert (
+        run.data.metrics["anomaly/knn/source_classes/auroc"]
+        == metrics["knn"]["source_classes"]["auroc"]
+    )
+    assert metrics[bundle["name"]]["all"]["auroc"] > 0.9
+    table = pd.read_csv("plots/detectors.csv")
+    assert len(table) == 4 * len(kinds)
+    assert Path("plots/roc_curves.png").exists() and Path("plots/score_histograms.png").exists()
