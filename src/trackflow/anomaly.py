@@ -1,8 +1,8 @@
 """Detectors of inputs unlike the healthy training data, and the anomalies they are tested on.
 
 Detectors follow scikit-learn's outlier-detector contract: ``fit(X)`` on healthy rows only returns
-``self``; ``score_samples(X)`` is higher for more normal rows; ``predict(X)`` is ``1`` for inliers and
-``-1`` for outliers; learned state ends in ``_``. The threshold is set apart from fitting, on
+``self``; ``score_samples(X)`` is higher for more normal rows; ``predict(X)`` is ``1`` for inliers
+and ``-1`` for outliers; learned state ends in ``_``. The threshold is set apart from fitting, on
 validation rows, at a target false-positive rate (:func:`calibrate_threshold`).
 """
 
@@ -35,7 +35,7 @@ class _ThresholdMixin(OutlierMixin):
 
 
 class KNNDetector(_ThresholdMixin, BaseEstimator):
-    """Mean distance to the ``n_neighbors`` nearest training rows (negated: higher = more normal)."""
+    """Mean distance to the ``n_neighbors`` nearest training rows, negated (higher: normal)."""
 
     def __init__(self, n_neighbors: int = 5) -> None:
         self.n_neighbors = n_neighbors

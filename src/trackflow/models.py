@@ -273,13 +273,13 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 @torch.no_grad()
 def predict_proba(network: nn.Module, features: Any) -> Any:
-    """Class probabilities, shape (n_rows, n_classes), of a classifier from :func:`load_classifier`."""
+    """Class probabilities, shape (n_rows, n_classes), of a :func:`load_classifier` model."""
     x = torch.tensor(np.asarray(features), dtype=torch.float32)
     return torch.softmax(network.eval()(x), dim=1).numpy()
 
 
 @torch.no_grad()
 def embed(network: nn.Module, features: Any) -> Any:
-    """The backbone's embedding, shape (n_rows, out_features), of a :func:`load_classifier` model."""
+    """Backbone embedding, shape (n_rows, out_features), of a :func:`load_classifier` model."""
     x = torch.tensor(np.asarray(features), dtype=torch.float32)
     return network.eval()[0](x).numpy()

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     config = params.anomaly
     require_inputs(args.model, args.run, made_by="train")
-    network, meta = load_classifier(args.model)
+    network, _ = load_classifier(args.model)
     require_inputs(args.preprocessor, args.splits / "summary.json", made_by="preprocess")
     names = read_json(args.splits / "summary.json")["parts"]
     processed = {name: read_table(args.data / f"{name}.parquet") for name in names}

@@ -1,4 +1,4 @@
-"""Evaluate: held-out metrics, figures, the training-curve diagnosis and baselines, on the train run.
+"""Evaluate: held-out metrics, figures, curve diagnosis and baselines, logged to the train run.
 
 Scores the target model on the target test rows: accuracy, macro-F1, per-class precision and
 recall, log loss, one-vs-rest ROC-AUC, expected calibration error. Writes them to ``--metrics``
