@@ -13,120 +13,48 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
-import yaml
+import numpy as np
+from common import parse_overrides, run, scratch, set_params
 
-REPO = Path(__file__).resolve().parents[1]
 MODES = ("finetune", "feature_extraction", "scratch")
 
 
-def run_stages(folder: Path, params: Path, mode: str | None) -> float:
-    """Run the stages up to pretrain (mode None) or train once; return the train stage's seconds."""
-    from trackflow.stages import ingest, preprocess, pretrain, split, train
+def test_accuracy(model: Path) -> float:
+    from trackflow.models import load_classifier, predict_proba
+    from trackflow.stages.scoring import labelled_arrays
 
-    p = ["--params", str(params)]
-    if mode is None:
-        steps = [
-            (ingest, ["--out", "ingested"]),
-            (split, ["--dataset", "ingested/dataset.parquet", "--out", "split"]),
-            (
-                preprocess,
-                [
-                    "--splits",
-                    "split",
-                    "--out",
-                    "processed",
-                    "--preprocessor",
-                    "pre.joblib",
-                    "--metrics",
-                    "pre.json",
-                    "--plots",
-                    "plots",
-                ],
-            ),
-            (
-                pretrain,
-                [
-                    "--data",
-                    "processed",
-                    "--backbone-out",
-                    "backbone.pt",
-                    "--metrics",
-                    "pretrain.json",
-                    "--run-out",
-                    "pretrain_run.json",
-                ],
-            ),
-        ]
-    else:
-        steps = [
-            (
-                train,
-                [
-                    "--data",
-                    "processed",
-                    "--backbone",
-                    "backbone.pt",
-                    "--model-out",
-                    f"{mode}.pt",
-                    "--metrics",
-                    f"{mode}.json",
-                    "--run-out",
-                    f"{mode}_run.json",
-                ],
-            )
-        ]
-    start = time.perf_counter()
-    for module, argv in steps:
-        if module.main([*p, *argv]) != 0:
-            sys.exit(f"{module.__name__} failed")
-    return time.perf_counter() - start
+    network, meta = load_classifier(model)
+    x, y = labelled_arrays(Path("processed/target_test.parquet"), meta)
+    return float((predict_proba(network, x).argmax(axis=1) == y).mean())
 
 
-def test_accuracy(folder: Path, mode: str) -> float:
-    from trackflow.io import read_table
-    from trackflow.models import load_classifier
-
-    network, meta = load_classifier(folder / f"{mode}.pt")
-    table = read_table(folder / "processed/target_test.parquet")
-    label = meta["label_column"]
-    x = torch.tensor(table.drop(columns=label).to_numpy(), dtype=torch.float32)
-    index = {c: i for i, c in enumerate(meta["classes"])}
-    y = torch.tensor(table[label].map(index).to_numpy())
-    with torch.no_grad():
-        return float((network(x).argmax(1) == y).float().mean())
-
-
-def logistic_references(folder: Path) -> dict[str, tuple[float, float]]:
+def logistic_references() -> dict[str, tuple[float, float]]:
     """Logistic regression on the features and on the frozen embedding: (accuracy, seconds)."""
     from sklearn.linear_model import LogisticRegression
 
-    from trackflow.io import read_table
     from trackflow.models import load_backbone, load_network
+    from trackflow.stages.scoring import labelled_arrays
 
-    train = read_table(folder / "processed/target_train.parquet")
-    test = read_table(folder / "processed/target_test.parquet")
-    label = train.columns[-1]
-    backbone = load_backbone(load_network(folder / "backbone.pt"), train.shape[1] - 1, "bench")
+    saved = load_network("backbone.pt")
+    meta = load_network("model.pt")  # the target task's classes and label column
+    x_train, y_train = labelled_arrays(Path("processed/target_train.parquet"), meta)
+    x_test, y_test = labelled_arrays(Path("processed/target_test.parquet"), meta)
+    backbone = load_backbone(saved, x_train.shape[1], "bench").eval()
 
-    def embed(table):
-        x = torch.tensor(table.drop(columns=label).to_numpy(), dtype=torch.float32)
+    def embed(x: np.ndarray) -> np.ndarray:
+        import torch
+
         with torch.no_grad():
-            return backbone.eval()(x).numpy()
+            return backbone(torch.tensor(x)).numpy()
 
     results = {}
-    for name, transform in (
-        ("logreg on features", lambda t: t.drop(columns=label).to_numpy()),
-        ("logreg on embedding", embed),
-    ):
+    for name, transform in (("logreg on features", lambda x: x), ("logreg on embedding", embed)):
         start = time.perf_counter()
-        model = LogisticRegression(max_iter=5000).fit(transform(train), train[label])
-        results[name] = (model.score(transform(test), test[label]), time.perf_counter() - start)
+        model = LogisticRegression(max_iter=5000).fit(transform(x_train), y_train)
+        results[name] = (model.score(transform(x_test), y_test), time.perf_counter() - start)
     return results
 
 
@@ -142,41 +70,19 @@ def main() -> None:
         help="extra params overrides (YAML values)",
     )
     args = parser.parse_args()
-    from trackflow.config import set_dotted
-
-    results: dict[str, list[tuple[float, float]]] = {
-        name: [] for name in (*MODES, "logreg on features", "logreg on embedding")
-    }
-    n_rows = None
+    names = (*MODES, "logreg on features", "logreg on embedding")
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for seed in args.seeds:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            raw = yaml.safe_load((REPO / "params.yaml").read_text())
-            overrides = {
-                "base.seed": seed,
-                "data.target_train_fraction": args.fraction,
-                "base.mlflow.tracking_uri": f"sqlite:///{folder}/mlflow.db",
-            }
-            overrides |= {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-            for key, value in overrides.items():
-                set_dotted(raw, key, value)
-            params = folder / "params.yaml"
-            params.write_text(yaml.safe_dump(raw))
-            import os
-
-            os.chdir(folder)
-            run_stages(folder, params, None)
-            from trackflow.io import read_table
-
-            n_rows = len(read_table(folder / "processed/target_train.parquet"))
+        overrides = {"base.seed": seed, "data.target_train_fraction": args.fraction}
+        with scratch(overrides | parse_overrides(args.set)) as folder:
+            run("ingest", "split", "preprocess", "pretrain")
+            n_rows = len(__import__("pandas").read_parquet("processed/target_train.parquet"))
             for mode in MODES:
-                raw["train"]["mode"] = mode
-                params.write_text(yaml.safe_dump(raw))
-                seconds = run_stages(folder, params, mode)
-                results[mode].append((test_accuracy(folder, mode), seconds))
-            for name, result in logistic_references(folder).items():
+                set_params(folder, {"train.mode": mode})
+                seconds = run("train")
+                results[mode].append((test_accuracy(Path("model.pt")), seconds))
+            for name, result in logistic_references().items():
                 results[name].append(result)
-            os.chdir(REPO)
     print(
         f"\ntarget task: digits 5-9, {n_rows} labelled training rows "
         f"(target_train_fraction={args.fraction}), seeds {args.seeds}; medians"

@@ -64,39 +64,51 @@ def test_estimator_contract(detector) -> None:
         unfitted.score_samples(np.zeros((3, 5)))
 
 
-def test_detectors_are_fitted_on_training_rows_only(processed) -> None:
+def test_detectors_are_fitted_on_training_rows_only() -> None:
     import torch
+    from sklearn.decomposition import PCA
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     from trackflow.config import ModelConfig
     from trackflow.models import build_backbone, build_head
 
     rng = np.random.default_rng(0)
+
+    def rows(n: int, shift: float = 0.0) -> pd.DataFrame:
+        values = healthy(n, int(rng.integers(1000))) + shift
+        return pd.DataFrame(values, columns=[f"f{i}" for i in range(8)])
+
     sets = AnomalySets(
-        train=rng.normal(size=(200, 16)),
-        val=rng.normal(size=(100, 16)),
-        test=rng.normal(size=(100, 16)),
-        val_anomalies={"far": rng.normal(size=(20, 16)) + 5},
-        test_anomalies={"far": rng.normal(size=(20, 16)) + 5},
+        train=rows(200),
+        val=rows(100),
+        test=rows(100),
+        val_anomalies={"far": rows(20, 5.0)},
+        test_anomalies={"far": rows(20, 5.0)},
     )
-    backbone = build_backbone(ModelConfig(widths=(8,)), 16)
-    network = torch.nn.Sequential(backbone, build_head(8, 3))
+    preprocessor = make_pipeline(StandardScaler(), PCA(4)).fit(sets.train)
+    network = torch.nn.Sequential(build_backbone(ModelConfig(widths=(6,)), 4), build_head(6, 3))
     config = AnomalyConfig()
-    report = evaluate_detectors(sets, network, config, seed=0)
-    shifted = AnomalySets(
+    report = evaluate_detectors(sets, preprocessor, network, config, seed=0)
+    changed = AnomalySets(
         sets.train,
         sets.val,
         sets.test + 100,
         sets.val_anomalies,
         {"far": sets.test_anomalies["far"] * 3},
     )
-    again = evaluate_detectors(shifted, network, config, seed=0)
+    again = evaluate_detectors(changed, preprocessor, network, config, seed=0)
     assert report.detectors["knn"].neighbors_.n_samples_fit_ == 200
+    scaled_train = preprocessor[:-1].transform(sets.train)
     np.testing.assert_allclose(
-        report.detectors["pca_reconstruction"].pca_.mean_, sets.train.mean(axis=0)
+        report.detectors["pca_reconstruction"].pca_.mean_,
+        np.asarray(scaled_train).mean(axis=0),
+        atol=1e-12,
     )
-    for name in config.detectors:  # test rows changed, fitted state and threshold did not
+    for name in config.detectors:  # test rows changed; fitted state and threshold did not
         assert report.detectors[name].threshold_ == again.detectors[name].threshold_
     assert report.val_auroc == again.val_auroc
+    assert report.metrics != again.metrics
 
 
 def test_corruptions_keep_shape_and_change_rows() -> None:
@@ -120,8 +132,6 @@ def test_anomaly_stage_writes_one_table_and_the_selected_detector(processed, wri
         [
             "--params",
             str(params),
-            "--data",
-            str(processed),
             "--splits",
             str(data / "split"),
             "--preprocessor",

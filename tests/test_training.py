@@ -176,7 +176,7 @@ def test_cnn_backbone_needs_image_shaped_features() -> None:
     from trackflow.errors import ConfigError
 
     cnn = ModelConfig(backbone="cnn", channels=(8, 16))
-    assert build_backbone(cnn, 64)(torch.zeros(2, 64)).shape == (2, 16)
+    assert build_backbone(cnn, 64)(torch.zeros(2, 64)).shape == (2, 4 * 16)  # 2x2 grid
     with pytest.raises(ConfigError, match="40 features are not a square image"):
         build_backbone(cnn, 40)
 

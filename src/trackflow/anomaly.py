@@ -16,13 +16,34 @@ import pandas as pd
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-#: Which input each detector reads: the network's embedding or the preprocessed features.
+#: Which representation of a row each detector reads: the network's ``embedding``, or the
+#: ``scaled`` features (the preprocessor without its PCA step: a reconstruction error needs the
+#: directions that PCA drops).
 SPACES = {
     "knn": "embedding",
     "mahalanobis": "embedding",
-    "pca_reconstruction": "features",
-    "isolation_forest": "features",
+    "pca_reconstruction": "scaled",
+    "isolation_forest": "scaled",
 }
+
+
+def represent(raw: pd.DataFrame, space: str, preprocessor: Any, network: Any) -> np.ndarray:
+    """Raw rows, shape (n_rows, n_features), in a detector's space, shape (n_rows, n_dims).
+
+    Args:
+        raw: Rows with the raw feature columns.
+        space: ``"scaled"``, ``"features"`` (the model's input) or ``"embedding"``.
+        preprocessor: The fitted preprocessing pipeline (its last step is PCA or passthrough).
+        network: The classifier, ``nn.Sequential(backbone, head)``.
+    """
+    if space == "scaled":
+        return np.asarray(preprocessor[:-1].transform(raw), dtype=float)
+    features = np.asarray(preprocessor.transform(raw), dtype=float)
+    if space == "features":
+        return features
+    from trackflow.models import embed
+
+    return embed(network, features)
 
 
 class _ThresholdMixin(OutlierMixin):
@@ -188,54 +209,43 @@ def detection_metrics(
 
 @dataclass(frozen=True)
 class AnomalySets:
-    """Healthy rows to fit, calibrate and test on, and held-out anomalies, all preprocessed."""
+    """Raw healthy target rows to fit, calibrate and test on, and held-out raw anomalies."""
 
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-    val_anomalies: dict[str, np.ndarray]
-    test_anomalies: dict[str, np.ndarray]
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+    val_anomalies: dict[str, pd.DataFrame]
+    test_anomalies: dict[str, pd.DataFrame]
 
 
 def anomaly_sets(
-    processed: dict[str, pd.DataFrame],
-    raw: dict[str, pd.DataFrame],
-    preprocessor: Any,
-    label_column: str,
-    config: Any,
-    seed: int,
+    raw: dict[str, pd.DataFrame], label_column: str, config: Any, seed: int
 ) -> AnomalySets:
-    """Assemble healthy target rows and anomalies for validation and test.
+    """Assemble healthy target rows and anomalies for validation and test, in raw feature space.
 
     Args:
-        processed: Preprocessed parts by name (``"target_train"``, ``"source_test"``, ...).
-        raw: Raw parts by name, as split (the corruptions are made in raw feature space).
-        preprocessor: The fitted preprocessor, applied to corrupted rows like to any input.
+        raw: Split parts by name (``"target_train"``, ``"source_test"``, ...), as split.
         label_column: Class column to drop.
         config: ``params.anomaly``.
         seed: Seed of the corruptions (the test's differ from the validation's).
     """
 
-    def features(table: pd.DataFrame) -> pd.DataFrame:
-        return table.drop(columns=label_column)
+    def features(name: str) -> pd.DataFrame:
+        return raw[name].drop(columns=label_column)
 
-    anomalies: dict[str, dict[str, np.ndarray]] = {}
+    anomalies: dict[str, dict[str, pd.DataFrame]] = {}
     for offset, split in enumerate(("val", "test")):
-        found = {}
-        if f"source_{split}" in processed:
-            found["source_classes"] = features(processed[f"source_{split}"]).to_numpy()
-        corrupted = corrupt(
-            features(raw[f"target_{split}"]),
-            features(raw["target_train"]),
+        found = {"source_classes": features(f"source_{split}")} if f"source_{split}" in raw else {}
+        found |= corrupt(
+            features(f"target_{split}"),
+            features("target_train"),
             config.noise_scale,
             config.feature_scale,
             seed + offset,
         )
-        for name, table in corrupted.items():
-            found[name] = np.asarray(preprocessor.transform(table), dtype=float)
         anomalies[split] = found
     return AnomalySets(
-        *(features(processed[f"target_{s}"]).to_numpy() for s in ("train", "val", "test")),
+        *(features(f"target_{split}") for split in ("train", "val", "test")),
         val_anomalies=anomalies["val"],
         test_anomalies=anomalies["test"],
     )
@@ -272,16 +282,17 @@ class DetectorReport:
         )
 
 
-def evaluate_detectors(sets: AnomalySets, network: Any, config: Any, seed: int) -> DetectorReport:
+def evaluate_detectors(
+    sets: AnomalySets, preprocessor: Any, network: Any, config: Any, seed: int
+) -> DetectorReport:
     """Fit every configured detector, calibrate it, score it; choose the one to keep.
 
-    ``network`` is the target classifier (``nn.Sequential(backbone, head)``); embedding-space
-    detectors read its backbone's output.
+    ``preprocessor`` and ``network`` (``nn.Sequential(backbone, head)``) map raw rows into each
+    detector's space (:func:`represent`).
     """
-    from trackflow.models import embed
 
-    def inputs(space: str, x: np.ndarray) -> np.ndarray:
-        return embed(network, x) if space == "embedding" else x
+    def inputs(space: str, rows: pd.DataFrame) -> np.ndarray:
+        return represent(rows, space, preprocessor, network)
 
     detectors, val_auroc, metrics, scores = {}, {}, {}, {}
     for name in config.detectors:

@@ -105,8 +105,8 @@ class ConvBackbone(nn.Module):
     """Depthwise-separable CNN over image-shaped rows.
 
     Input (batch, C*H*W) is reshaped to (batch, C, H, W); a stem conv is followed by one separable
-    block per entry of ``channels`` (2x downsampling between blocks), then global average pooling.
-    Output: (batch, channels[-1]).
+    block per entry of ``channels`` (2x downsampling between blocks), then average pooling to a 2x2
+    grid. Output: (batch, 4 * channels[-1]).
     """
 
     def __init__(
@@ -130,10 +130,11 @@ class ConvBackbone(nn.Module):
             if i > 0:
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
             layers.append(SeparableBlock(a, b, norm, activation))
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout)]
+        # Pool to 2x2, not to 1x1: on images this small, where a stroke is matters.
+        layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Dropout(dropout)]
         self.layers = nn.Sequential(*layers)
         self.in_features = math.prod(self.image_shape)
-        self.out_features = channels[-1]
+        self.out_features = 4 * channels[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed a batch of flattened images."""

@@ -1,12 +1,13 @@
 """Anomaly: detectors fitted on healthy target training rows, tested on anomalies none of them saw.
 
 Each detector in ``anomaly.detectors`` is fitted on the target training rows (in the network's
-embedding or the preprocessed features), and its threshold set on the target validation rows at
-``anomaly.target_fpr``. Held-out anomalies: the source task's classes, and target rows corrupted by
-Gaussian noise, inverted intensities, constant rows and feature scaling (corrupted in raw feature
-space, then preprocessed like any input). Validation anomalies choose the detector saved to
-``--detector-out``; test anomalies give AUROC, AUPRC and recall at the threshold, per anomaly type
-and overall, for every detector (``--metrics``, figures in ``--plots``, all on the train run).
+embedding, or the scaled features before PCA), and its threshold set on the target validation
+rows at ``anomaly.target_fpr``. Held-out anomalies: the source task's classes, and target rows
+corrupted by Gaussian noise, inverted intensities, constant rows and feature scaling (corrupted
+in raw feature space, then preprocessed like any input). Validation anomalies choose the detector
+saved to ``--detector-out``; test anomalies give AUROC, AUPRC and recall at the threshold, per
+anomaly type and overall, for every detector (``--metrics``, figures in ``--plots``, all on the
+train run).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_params_argument(parser)
-    parser.add_argument("--data", type=Path, required=True, help="folder written by preprocess")
     parser.add_argument("--splits", type=Path, required=True, help="folder written by split")
     parser.add_argument("--preprocessor", type=Path, required=True, help="fitted preprocessor")
     parser.add_argument("--model", type=Path, required=True, help="target model (train stage)")
@@ -50,17 +50,10 @@ def run(args: argparse.Namespace) -> None:
     network, _ = load_classifier(args.model)
     require_inputs(args.preprocessor, args.splits / "summary.json", made_by="preprocess")
     names = read_json(args.splits / "summary.json")["parts"]
-    processed = {name: read_table(args.data / f"{name}.parquet") for name in names}
-    raw = {name: read_table(args.splits / f"{name}.parquet") for name in names if "target" in name}
-    sets = an.anomaly_sets(
-        processed,
-        raw,
-        joblib.load(args.preprocessor),
-        params.data.label_column,
-        config,
-        params.base.seed,
-    )
-    report = an.evaluate_detectors(sets, network, config, params.base.seed)
+    raw = {name: read_table(args.splits / f"{name}.parquet") for name in names}
+    sets = an.anomaly_sets(raw, params.data.label_column, config, params.base.seed)
+    preprocessor = joblib.load(args.preprocessor)
+    report = an.evaluate_detectors(sets, preprocessor, network, config, params.base.seed)
     tracking = setup_tracking(params.base.mlflow)
     run_id = read_json(args.run)["run_id"]
     outputs = (args.detector_out, args.metrics, args.plots)
