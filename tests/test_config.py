@@ -32,12 +32,12 @@ def test_unknown_key_is_named_with_a_suggestion_and_the_allowed_keys() -> None:
 
 
 def test_unknown_section_lists_the_sections() -> None:
-    with pytest.raises(
-        ConfigError,
-        match=r"unknown key 'trian' \(did you mean 'train'\?\); allowed keys in the top level: "
-        r"base, data, model, preprocess, pretrain, split, train",
-    ):
+    with pytest.raises(ConfigError) as error:
         validate_params({"trian": {}})
+    sections = ", ".join(sorted(Params.model_fields))
+    assert "unknown key 'trian' (did you mean 'train'?)" in str(error.value)
+    assert f"allowed keys in the top level: {sections}" in str(error.value)
+    assert "pretrain" in sections and "anomaly" in sections
 
 
 def test_bad_choice_names_the_allowed_values() -> None:
@@ -136,15 +136,8 @@ def test_flattened_params_use_dotted_keys() -> None:
 def test_cli_prints_the_schema(capsys) -> None:
     assert cli(["params", "--schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert set(schema["properties"]) == {
-        "base",
-        "data",
-        "split",
-        "preprocess",
-        "model",
-        "pretrain",
-        "train",
-    }
+    assert set(schema["properties"]) == set(Params.model_fields)
+    assert schema["$defs"]["PcaConfig"]["additionalProperties"] is False
     assert schema["additionalProperties"] is False
 
 
