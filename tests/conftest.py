@@ -58,6 +58,40 @@ def copy_project(destination: Path) -> None:
             shutil.copy2(source, target)
 
 
+def train_argv(params: Path, data: Path, backbone: str = "backbone.pt") -> list[str]:
+    """Arguments of the train stage, writing model.pt, train.json and train_run.json here."""
+    return [
+        "--params",
+        str(params),
+        "--data",
+        str(data),
+        "--backbone",
+        backbone,
+        "--model-out",
+        "model.pt",
+        "--metrics",
+        "train.json",
+        "--run-out",
+        "train_run.json",
+    ]
+
+
+def pretrain_argv(params: Path, data: Path) -> list[str]:
+    """Arguments of the pretrain stage, writing backbone.pt, pretrain.json, pretrain_run.json."""
+    return [
+        "--params",
+        str(params),
+        "--data",
+        str(data),
+        "--backbone-out",
+        "backbone.pt",
+        "--metrics",
+        "pretrain.json",
+        "--run-out",
+        "pretrain_run.json",
+    ]
+
+
 def run_data_stages(params: Path) -> int:
     """ingest -> split -> preprocess into the working directory; the first non-zero exit code."""
     steps = (

@@ -139,7 +139,7 @@ def test_anomaly_stage_writes_one_table_and_the_selected_detector(processed, wri
             "--model",
             "model.pt",
             "--run",
-            "run.json",
+            "train_run.json",
             "--detector-out",
             "detector.joblib",
             "--metrics",
@@ -156,7 +156,7 @@ def test_anomaly_stage_writes_one_table_and_the_selected_detector(processed, wri
         assert set(per_kind) == kinds
         assert all(set(m) == {"auroc", "auprc", "recall_at_fpr"} for m in per_kind.values())
     bundle = joblib.load("detector.joblib")
-    run = MlflowClient().get_run(read_json("run.json")["run_id"])
+    run = MlflowClient().get_run(read_json("train_run.json")["run_id"])
     assert run.data.tags["trackflow.anomaly_detector"] == bundle["name"]
     assert bundle["space"] in {"embedding", "features"} and np.isfinite(
         bundle["detector"].threshold_

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import train_argv
 from trackflow.config import DiagnosisConfig
 from trackflow.evaluation import classification_metrics, diagnose, expected_calibration_error
 from trackflow.io import read_json
@@ -57,22 +58,7 @@ def test_metrics_on_a_known_example() -> None:
 
 def trained_model(processed: Path, write_params) -> Path:
     params = write_params({"train.mode": "scratch", "train.max_epochs": 4, "model.widths": [32]})
-    code = train(
-        [
-            "--params",
-            str(params),
-            "--data",
-            str(processed),
-            "--backbone",
-            "none.pt",
-            "--model-out",
-            "model.pt",
-            "--metrics",
-            "train.json",
-            "--run-out",
-            "run.json",
-        ]
-    )
+    code = train(train_argv(params, processed, "none.pt"))
     assert code == 0
     return params
 
@@ -92,7 +78,7 @@ def test_evaluate_stage_writes_metrics_plots_and_appends_to_the_train_run(
             "--model",
             "model.pt",
             "--run",
-            "run.json",
+            "train_run.json",
             "--metrics",
             "evaluate.json",
             "--plots",
@@ -124,7 +110,7 @@ def test_evaluate_stage_writes_metrics_plots_and_appends_to_the_train_run(
         "reliability.png",
     ):
         assert (Path("plots") / name).stat().st_size > 0, name
-    run = MlflowClient().get_run(read_json("run.json")["run_id"])
+    run = MlflowClient().get_run(read_json("train_run.json")["run_id"])
     assert run.data.metrics["test/accuracy"] == metrics["test"]["accuracy"]
     assert run.data.metrics["baseline/svc"] == metrics["baseline"]["svc"]
     assert (

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from tests.conftest import pretrain_argv, train_argv
 from trackflow.config import ModelConfig, OptimizationConfig, ScheduleConfig
 from trackflow.io import read_json
 from trackflow.models import build_backbone, build_head, count_parameters, load_classifier
@@ -184,29 +185,9 @@ def test_cnn_backbone_needs_image_shaped_features() -> None:
 # Stages, with a real MLflow store -------------------------------------------------------------
 
 
-def run_stage(stage, params: Path, processed: Path, **extra: str) -> int:
-    argv = ["--params", str(params), "--data", str(processed)]
-    if stage is pretrain:
-        argv += [
-            "--backbone-out",
-            "backbone.pt",
-            "--metrics",
-            "pretrain.json",
-            "--run-out",
-            "pretrain_run.json",
-        ]
-    else:
-        argv += [
-            "--backbone",
-            "backbone.pt",
-            "--model-out",
-            "model.pt",
-            "--metrics",
-            "train.json",
-            "--run-out",
-            "train_run.json",
-        ]
-    return stage(argv + [item for pair in extra.items() for item in pair])
+def run_stage(stage, params: Path, processed: Path) -> int:
+    argv = pretrain_argv if stage is pretrain else train_argv
+    return stage(argv(params, processed))
 
 
 def test_train_stage_records_one_complete_mlflow_run(processed, write_params) -> None:
@@ -299,23 +280,7 @@ def test_ddp_on_two_cpu_processes_makes_one_run(processed, write_params, tmp_pat
     params = write_params(QUICK | {"train.mode": "scratch", "train.trainer": trainer})
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trackflow.stages.train",
-            "--params",
-            str(params),
-            "--data",
-            str(processed),
-            "--backbone",
-            "none.pt",
-            "--model-out",
-            "model.pt",
-            "--metrics",
-            "train.json",
-            "--run-out",
-            "train_run.json",
-        ],
+        [sys.executable, "-m", "trackflow.stages.train", *train_argv(params, processed, "none.pt")],
         capture_output=True,
         text=True,
         env=env,
