@@ -16,7 +16,7 @@ from trackflow.io import read_json
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("ingest", "split", "preprocess", "pretrain", "train")
+STAGES = ("ingest", "split", "preprocess", "pretrain", "train", "evaluate", "anomaly")
 FAST = {"pretrain.max_epochs": 2, "train.max_epochs": 2}  # the pipeline's wiring, not its accuracy
 OUTPUTS = (
     "data/ingested/dataset.parquet",
@@ -28,6 +28,9 @@ OUTPUTS = (
     "models/backbone.pt",
     "models/model.pt",
     "models/train_run.json",
+    "metrics/evaluate.json",
+    "models/detector.joblib",
+    "plots/anomaly/roc_curves.png",
 )
 
 
@@ -74,7 +77,7 @@ def test_repro_skips_unchanged_stages_and_reruns_from_what_changed(repo: Path) -
     assert ran(again) == [] and "Data and pipelines are up to date" in again
 
     edit_params(repo, {"preprocess.pca.n_components": 8})
-    assert ran(sh("dvc", "repro", cwd=repo)) == ["preprocess", "pretrain", "train"]
+    assert ran(sh("dvc", "repro", cwd=repo)) == list(STAGES[2:])
     assert read_json(repo / "metrics/preprocess.json")["n_components"] == 8
     metrics = sh("dvc", "metrics", "show", "--json", cwd=repo)
     assert '"n_components": 8' in metrics
@@ -117,3 +120,6 @@ def test_a_users_csv_runs_through_by_changing_params_only(repo: Path) -> None:
     assert not (repo / "data/split/source_train.parquet").exists()
     assert read_json(repo / "models/pretrain_run.json")["run_id"] is None  # nothing to pretrain
     assert read_json(repo / "models/train_run.json")["mode"] == "scratch"
+    evaluation = read_json(repo / "metrics/evaluate.json")["test"]
+    assert set(evaluation["per_class"]) == {"0", "1"} and evaluation["accuracy"] > 0.8
+    assert "source_classes" not in read_json(repo / "metrics/anomaly.json")["knn"]
