@@ -51,6 +51,8 @@ ARGS = {
         "train.json",
         "--run-out",
         "train_run.json",
+        "--history",
+        "train_history.csv",
     ],
     "evaluate": [
         "--data",
@@ -59,6 +61,8 @@ ARGS = {
         "model.pt",
         "--run",
         "train_run.json",
+        "--history",
+        "train_history.csv",
         "--metrics",
         "evaluate.json",
         "--plots",

@@ -59,7 +59,7 @@ def copy_project(destination: Path) -> None:
 
 
 def train_argv(params: Path, data: Path, backbone: str = "backbone.pt") -> list[str]:
-    """Arguments of the train stage, writing model.pt, train.json and train_run.json here."""
+    """Arguments of the train stage: model.pt, train.json, train_run.json, train_history.csv."""
     return [
         "--params",
         str(params),
@@ -73,6 +73,8 @@ def train_argv(params: Path, data: Path, backbone: str = "backbone.pt") -> list[
         "train.json",
         "--run-out",
         "train_run.json",
+        "--history",
+        "train_history.csv",
     ]
 
 

@@ -156,3 +156,14 @@ def test_cli_lists_the_stage_commands(capsys) -> None:
     out = capsys.readouterr().out
     for command in ("ingest", "split", "preprocess", "params", "example-data"):
         assert f"    {command}" in out
+
+
+def test_cnn_needs_image_shaped_features() -> None:
+    with pytest.raises(ConfigError, match="PCA components are not pixels"):
+        validate_params({"model": {"backbone": "cnn"}})
+    validate_params({"model": {"backbone": "cnn"}, "preprocess": {"pca": {"n_components": None}}})
+
+
+def test_saved_detector_must_be_one_that_is_fitted() -> None:
+    with pytest.raises(ConfigError, match="detector 'knn' is not among detectors"):
+        validate_params({"anomaly": {"detectors": ["mahalanobis"], "detector": "knn"}})

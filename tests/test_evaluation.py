@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from tests.conftest import train_argv
@@ -79,6 +80,8 @@ def test_evaluate_stage_writes_metrics_plots_and_appends_to_the_train_run(
             "model.pt",
             "--run",
             "train_run.json",
+            "--history",
+            "train_history.csv",
             "--metrics",
             "evaluate.json",
             "--plots",
@@ -116,7 +119,10 @@ def test_evaluate_stage_writes_metrics_plots_and_appends_to_the_train_run(
     assert (
         run.data.metrics["test/per_class/7/recall"] == metrics["test"]["per_class"]["7"]["recall"]
     )
-    assert run.data.tags["trackflow.diagnosis"] in {"healthy", "overfitting", "underfitting"}
+    history = pd.read_csv("train_history.csv")
+    expected = diagnose(history["train/loss"], history["val/loss"], DiagnosisConfig())
+    assert run.data.tags["trackflow.diagnosis"] == expected.state
+    assert list(history["epoch"]) == [1, 2, 3, 4]
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "evaluate")}
     assert "evaluate/curves.png" in artifacts
 
@@ -132,6 +138,8 @@ def test_evaluate_needs_a_trained_model(processed, write_params, capsys) -> None
             "no.pt",
             "--run",
             "no.json",
+            "--history",
+            "no.csv",
             "--metrics",
             "e.json",
             "--plots",

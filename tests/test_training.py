@@ -101,13 +101,16 @@ def test_finetuning_unfreezes_at_the_given_epoch(processed, tmp_path) -> None:
     class Watch(pl.Callback):
         def __init__(self) -> None:
             self.frozen: list[bool] = []
+            self.training: list[bool] = []
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             self.frozen.append(not any(p.requires_grad for p in pl_module.backbone.parameters()))
+            self.training.append(pl_module.backbone.training)
 
     watch = Watch()
     trainer, _ = fit(module, data, tmp_path, [BackboneFreezing(2, 0.1), watch], epochs=4)
     assert watch.frozen == [True, True, False, False]
+    assert watch.training == [False, False, True, True]  # dropout and batch norm back on
     assert groups(trainer) == pytest.approx({"head": 1e-3, "backbone": 1e-4})
 
 
@@ -326,3 +329,21 @@ def test_trainer_gets_clipping_and_scale_out_settings(tmp_path) -> None:
     assert trainer.gradient_clip_val == 0.5
     assert checkpoint.monitor == "val/loss"
     assert any(type(c).__name__ == "EarlyStopping" for c in trainer.callbacks)
+
+
+def test_a_last_batch_of_one_row_is_dropped_for_batch_norm(processed, tmp_path) -> None:
+    data = FeatureDataModule(processed, "target", LABEL, batch_size=1, seed=0)
+    data.setup()
+    rows = len(data.datasets["train"])
+    data.batch_size = rows - 1  # leaves a last batch of one row
+    assert [len(batch[0]) for batch in data.train_dataloader()] == [rows - 1]
+    fit(lit_module(data), data, tmp_path, epochs=1)
+
+
+def test_train_stage_needs_the_pretrained_backbone(processed, write_params, capsys) -> None:
+    from mlflow import MlflowClient
+
+    assert train(train_argv(write_params(QUICK), processed, "missing.pt")) == 3
+    assert "run the pretrain stage first" in capsys.readouterr().err
+    experiment = MlflowClient().get_experiment_by_name("trackflow")
+    assert experiment is None or not MlflowClient().search_runs([experiment.experiment_id])

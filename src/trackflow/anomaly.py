@@ -32,18 +32,15 @@ def represent(raw: pd.DataFrame, space: str, preprocessor: Any, network: Any) ->
 
     Args:
         raw: Rows with the raw feature columns.
-        space: ``"scaled"``, ``"features"`` (the model's input) or ``"embedding"``.
+        space: ``"scaled"`` or ``"embedding"``.
         preprocessor: The fitted preprocessing pipeline (its last step is PCA or passthrough).
         network: The classifier, ``nn.Sequential(backbone, head)``.
     """
     if space == "scaled":
         return np.asarray(preprocessor[:-1].transform(raw), dtype=float)
-    features = np.asarray(preprocessor.transform(raw), dtype=float)
-    if space == "features":
-        return features
     from trackflow.models import embed
 
-    return embed(network, features)
+    return embed(network, np.asarray(preprocessor.transform(raw), dtype=float))
 
 
 class _ThresholdMixin(OutlierMixin):
@@ -320,12 +317,6 @@ def evaluate_detectors(
         )
         detectors[name], scores[name] = detector, test_scores
     selected = max(val_auroc, key=val_auroc.get) if config.detector == "best" else config.detector
-    if selected not in detectors:
-        from trackflow.errors import ConfigError
-
-        raise ConfigError(
-            f"anomaly.detector={selected!r} is not among anomaly.detectors {list(config.detectors)}"
-        )
     return DetectorReport(detectors, val_auroc, metrics, scores, selected, config.target_fpr)
 
 

@@ -346,6 +346,14 @@ class AnomalyConfig(_Section):
     )
     feature_scale: float = Field(3.0, gt=0, description="Feature-scaling corruption factor.")
 
+    @model_validator(mode="after")
+    def _check(self) -> AnomalyConfig:
+        if self.detector != "best" and self.detector not in self.detectors:
+            raise ValueError(
+                f"detector {self.detector!r} is not among detectors {list(self.detectors)}"
+            )
+        return self
+
 
 class Params(_Section):
     """The whole ``params.yaml``."""
@@ -359,6 +367,19 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     anomaly: AnomalyConfig = AnomalyConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Params:
+        if (
+            self.model.backbone == "cnn"
+            and self.preprocess.pca.n_components is not None
+            and self.model.image_shape is None
+        ):
+            raise ValueError(
+                "model.backbone: cnn reads image-shaped rows, but PCA components are not pixels; "
+                "set preprocess.pca.n_components: null, or model.image_shape explicitly"
+            )
+        return self
 
 
 def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Params:

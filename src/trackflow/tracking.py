@@ -84,9 +84,9 @@ def log_params(tracking: Tracking, run_id: str, params: dict[str, Any]) -> None:
     """Log many params in one call (one ``log_param`` costs a round trip each)."""
     from mlflow.entities import Param
 
-    tracking.client.log_batch(
-        run_id, params=[Param(key, str(value)) for key, value in params.items()]
-    )
+    batch = [Param(key, str(value)) for key, value in params.items()]
+    for start in range(0, len(batch), 100):  # MLflow takes at most 100 params per call
+        tracking.client.log_batch(run_id, params=batch[start : start + 100])
 
 
 def set_tags(tracking: Tracking, run_id: str, tags: dict[str, Any]) -> None:

@@ -93,8 +93,13 @@ class FeatureDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled, seeded batches of the training rows."""
         generator = torch.Generator().manual_seed(self.seed)
+        rows = len(self.datasets["train"])
         return DataLoader(
-            self.datasets["train"], batch_size=self.batch_size, shuffle=True, generator=generator
+            self.datasets["train"],
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            drop_last=rows % self.batch_size == 1 and rows > 1,  # batch norm needs two rows
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -161,7 +166,7 @@ class ClassifierLitModule(pl.LightningModule):
         self.backbone_lr_ratio = backbone_lr_ratio
         # Per-epoch sums of (loss x rows, correct rows, rows): logging once per epoch instead of
         # once per step keeps Lightning's logging machinery out of the inner loop.
-        self._sums = {"train": torch.zeros(3), "val": torch.zeros(3)}
+        self._sums: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits, (batch, n_classes)."""
@@ -177,19 +182,14 @@ class ClassifierLitModule(pl.LightningModule):
         loss, preds = self.model_step(batch)
         y = batch[1]
         with torch.no_grad():
-            self._sums[split] += torch.stack(
-                [
-                    loss.detach() * len(y),
-                    (preds == y).sum().to(loss.dtype),
-                    torch.tensor(float(len(y))),
-                ]
-            )
+            rows = torch.tensor(float(len(y)), device=loss.device)
+            step = torch.stack([loss.detach() * rows, (preds == y).sum().to(loss.dtype), rows])
+            self._sums[split] = self._sums.get(split, torch.zeros_like(step)) + step
         return loss
 
     def _log_epoch(self, split: str) -> None:
         """Log ``<split>/loss`` and ``<split>/acc`` over the epoch's rows, summed across ranks."""
-        sums = self.trainer.strategy.reduce(self._sums[split], reduce_op="sum")
-        self._sums[split] = torch.zeros(3)
+        sums = self.trainer.strategy.reduce(self._sums.pop(split), reduce_op="sum")
         loss, correct, rows = sums.tolist()
         self.log(f"{split}/loss", loss / rows, prog_bar=True)
         self.log(f"{split}/acc", correct / rows, prog_bar=split == "val")
@@ -281,7 +281,9 @@ class BackboneFreezing(BaseFinetuning):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Apply the schedule of freezing; keep a frozen backbone in eval mode."""
         super().on_train_epoch_start(trainer, pl_module)
-        if not any(p.requires_grad for p in pl_module.backbone.parameters()):
+        if any(p.requires_grad for p in pl_module.backbone.parameters()):
+            pl_module.backbone.train()
+        else:
             pl_module.backbone.eval()
 
 
@@ -307,12 +309,18 @@ class EpochReport(pl.Callback):
         self.tracking = tracking
         self.run_id = run_id
         self.print_lines = not sys.stderr.isatty()
+        self.rows: list[dict[str, float]] = []
+
+    def history(self) -> pd.DataFrame:
+        """One row per epoch (``epoch`` from 1): every metric reported, as columns."""
+        return pd.DataFrame(self.rows)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Report the epoch that just ended (training and validation)."""
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         metrics = epoch_metrics(trainer, pl_module)
+        self.rows.append({"epoch": trainer.current_epoch + 1, **metrics})
         if self.tracking is not None and self.run_id is not None:
             from trackflow.tracking import log_metrics
 

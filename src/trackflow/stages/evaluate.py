@@ -19,11 +19,11 @@ from trackflow.stages import add_params_argument, require_inputs, stage_main
 
 log = logging.getLogger(__name__)
 
-HISTORY_KEYS = {
-    "train_loss": "train/loss",
-    "val_loss": "val/loss",
-    "train_acc": "train/acc",
-    "val_acc": "val/acc",
+HISTORY_COLUMNS = {
+    "train/loss": "train_loss",
+    "val/loss": "val_loss",
+    "train/acc": "train_acc",
+    "val/acc": "val_acc",
 }
 
 
@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="folder written by preprocess")
     parser.add_argument("--model", type=Path, required=True, help="target model (train stage)")
     parser.add_argument("--run", type=Path, required=True, help="train stage's run JSON file")
+    parser.add_argument("--history", type=Path, required=True, help="train stage's epoch CSV")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
     parser.add_argument("--plots", type=Path, required=True, help="folder for figures and data")
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> None:
     from trackflow.tracking import setup_tracking
 
     params = load_params(args.params)
-    require_inputs(args.model, args.run, made_by="train")
+    require_inputs(args.model, args.run, args.history, made_by="train")
     network, meta = load_classifier(args.model)
     classes = meta["classes"]
     x_test, y_test = labelled_arrays(args.data / "target_test.parquet", meta)
@@ -62,18 +63,8 @@ def run(args: argparse.Namespace) -> None:
         )
     tracking = setup_tracking(params.base.mlflow)
     run_id = read_json(args.run)["run_id"]
-    history = pd.DataFrame(
-        {
-            name: [
-                m.value
-                for m in sorted(
-                    tracking.client.get_metric_history(run_id, key), key=lambda m: m.step
-                )
-            ]
-            for name, key in HISTORY_KEYS.items()
-        }
-    )
-    history.insert(0, "epoch", range(1, len(history) + 1))
+    history = pd.read_csv(args.history).rename(columns=HISTORY_COLUMNS)
+    history = history[["epoch", *HISTORY_COLUMNS.values()]]
     diagnosis = ev.diagnose(history["train_loss"], history["val_loss"], params.evaluate.diagnosis)
     pred = proba.argmax(axis=1)
     reliability = ev.reliability_table(y_test, proba, params.evaluate.calibration_bins)

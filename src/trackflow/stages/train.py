@@ -3,7 +3,9 @@
 The backbone comes from ``train.backbone``: the pretrain stage's output (``--backbone``), a
 registered ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``, or a ``runs:/`` URI; ``train.mode:
 scratch`` ignores it and starts from random weights. Writes the target model to ``--model-out``,
-``--metrics``, and ``--run-out`` (the MLflow run id the evaluation stages append to).
+``--metrics``, ``--run-out`` (the MLflow run id the evaluation stages append to) and ``--history``
+(per-epoch metrics). ``--resume`` continues from a Lightning checkpoint (the run's
+``checkpoints/last.ckpt`` artifact) in a new run, freeze state and schedule included.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trackflow.stages import add_params_argument, stage_main
+from trackflow.stages import add_params_argument, require_inputs, stage_main
 
 if TYPE_CHECKING:
     from torch import nn
@@ -33,16 +35,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-out", type=Path, required=True, help="target model file")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
     parser.add_argument("--run-out", type=Path, required=True, help="run JSON file")
+    parser.add_argument("--history", type=Path, required=True, help="per-epoch metrics CSV")
     parser.add_argument("--resume", type=Path, help="Lightning checkpoint to resume from")
 
 
 def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
+    from trackflow.errors import ConfigError
     from trackflow.stages.training_run import TrainingRun
     from trackflow.training import transfer_callbacks
 
     params = load_params(args.params)
     config = params.train
+    if config.mode != "scratch" and config.backbone == "pretrained":
+        require_inputs(args.backbone, made_by="pretrain")
+    if args.resume is not None and not args.resume.is_file():
+        raise ConfigError(f"--resume {args.resume}: no such checkpoint file")
     with TrainingRun(params, config, "target", args.data, "train") as training:
         backbone, origin = _backbone(training, args.backbone)
         ratio = 1.0 if config.mode == "scratch" else config.backbone_lr_ratio
@@ -53,7 +61,13 @@ def run(args: argparse.Namespace) -> None:
             return
         network = training.log_network(args.model_out.name, with_head=True)
         training.write_outputs(
-            network, args.model_out, args.metrics, args.run_out, mode=config.mode, **origin
+            network,
+            args.model_out,
+            args.metrics,
+            args.run_out,
+            args.history,
+            mode=config.mode,
+            **origin,
         )
 
 

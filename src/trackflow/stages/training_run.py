@@ -74,7 +74,11 @@ class TrainingRun:
                 },
             )
             self.run_id = run.info.run_id
-            log_params(self.tracking, self.run_id, flatten_params(self.params))
+            try:
+                log_params(self.tracking, self.run_id, flatten_params(self.params))
+            except BaseException as error:
+                self.__exit__(type(error), error, None)
+                raise
         return self
 
     def __exit__(
@@ -114,13 +118,13 @@ class TrainingRun:
         self.module = ClassifierLitModule(backbone, head, self.config, backbone_lr_ratio)
         if self.run_id is not None:
             set_tags(self.tracking, self.run_id, {TAG_PREFIX + k: v for k, v in tags.items()})
-        report = EpochReport(self.tracking, self.run_id)
+        self.report = EpochReport(self.tracking, self.run_id)
         trainer, checkpoint = fit_classifier(
             self.module,
             self.data,
             self.config,
             self._checkpoints.name,
-            [*callbacks, report],
+            [*callbacks, self.report],
             resume_from,
         )
         self.is_writer = trainer.is_global_zero
@@ -134,8 +138,9 @@ class TrainingRun:
         client.log_text(
             self.run_id, str(ModelSummary(self.module, max_depth=3)), "model_summary.txt"
         )
-        if checkpoint.best_model_path:
-            client.log_artifact(self.run_id, checkpoint.best_model_path, "checkpoints")
+        for path in (checkpoint.best_model_path, checkpoint.last_model_path):
+            if path:  # best: the weights kept; last: where `--resume` continues from
+                client.log_artifact(self.run_id, path, "checkpoints")
         log.info("%s: %s", self.name, ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items()))
 
     def log_network(self, file_name: str, with_head: bool) -> Path:
@@ -156,15 +161,20 @@ class TrainingRun:
         return local
 
     def write_outputs(
-        self, network: Path, network_out: Path, metrics_out: Path, run_out: Path, **meta: Any
+        self,
+        network: Path,
+        network_out: Path,
+        metrics_out: Path,
+        run_out: Path,
+        history_out: Path | None = None,
+        **meta: Any,
     ) -> None:
-        """Write the network, the metrics file and the run file (run id for later stages)."""
+        """Write the network, metrics, run file (run id for later stages) and epoch history."""
         run_info = {"run_id": self.run_id, "experiment_id": self.tracking.experiment_id} | meta
-        with atomic_outputs(network_out, metrics_out, run_out) as (
-            network_tmp,
-            metrics_tmp,
-            run_tmp,
-        ):
+        outputs = (network_out, metrics_out, run_out, *([history_out] if history_out else []))
+        with atomic_outputs(*outputs) as (network_tmp, metrics_tmp, run_tmp, *history_tmp):
             shutil.copyfile(network, network_tmp)
             write_json(self.metrics, metrics_tmp)
             write_json(run_info, run_tmp)
+            if history_tmp:
+                self.report.history().to_csv(history_tmp[0], index=False)
