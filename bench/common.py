@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -14,77 +15,6 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-
-ARGS = {
-    "ingest": ["--out", "ingested"],
-    "split": ["--dataset", "ingested/dataset.parquet", "--out", "split"],
-    "preprocess": [
-        "--splits",
-        "split",
-        "--out",
-        "processed",
-        "--preprocessor",
-        "pre.joblib",
-        "--metrics",
-        "preprocess.json",
-        "--plots",
-        "plots/preprocess",
-    ],
-    "pretrain": [
-        "--data",
-        "processed",
-        "--backbone-out",
-        "backbone.pt",
-        "--metrics",
-        "pretrain.json",
-        "--run-out",
-        "pretrain_run.json",
-    ],
-    "train": [
-        "--data",
-        "processed",
-        "--backbone",
-        "backbone.pt",
-        "--model-out",
-        "model.pt",
-        "--metrics",
-        "train.json",
-        "--run-out",
-        "train_run.json",
-        "--history",
-        "train_history.csv",
-    ],
-    "evaluate": [
-        "--data",
-        "processed",
-        "--model",
-        "model.pt",
-        "--run",
-        "train_run.json",
-        "--history",
-        "train_history.csv",
-        "--metrics",
-        "evaluate.json",
-        "--plots",
-        "plots/evaluate",
-    ],
-    "anomaly": [
-        "--splits",
-        "split",
-        "--preprocessor",
-        "pre.joblib",
-        "--model",
-        "model.pt",
-        "--run",
-        "train_run.json",
-        "--detector-out",
-        "detector.joblib",
-        "--metrics",
-        "anomaly.json",
-        "--plots",
-        "plots/anomaly",
-    ],
-}
 
 
 @contextmanager
@@ -120,6 +50,12 @@ def set_params(folder: Path, overrides: dict[str, Any]) -> None:
     (folder / "params.yaml").write_text(yaml.safe_dump(raw))
 
 
+def stage_argv(name: str) -> list[str]:
+    """A stage's arguments as ``dvc.yaml`` gives them (paths relative to the folder)."""
+    cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][name]["cmd"]
+    return shlex.split(cmd)[3:]  # after "python -m trackflow.stages.<name>"
+
+
 def run(*stages: str) -> float:
     """Run stages in order in the current scratch folder; return their wall time in seconds."""
     import importlib
@@ -127,7 +63,7 @@ def run(*stages: str) -> float:
     start = time.perf_counter()
     for name in stages:
         module = importlib.import_module(f"trackflow.stages.{name}")
-        if module.main(["--params", "params.yaml", *ARGS[name]]) != 0:
+        if module.main(stage_argv(name)) != 0:
             sys.exit(f"stage {name} failed")
     return time.perf_counter() - start
 

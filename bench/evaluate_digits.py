@@ -40,7 +40,7 @@ def raw_knn_auroc() -> float:
     from trackflow.io import read_table
 
     def raw(name: str) -> np.ndarray:
-        return read_table(f"split/{name}.parquet").drop(columns="target").to_numpy()
+        return read_table(f"data/split/{name}.parquet").drop(columns="target").to_numpy()
 
     detector = KNNDetector(n_neighbors=5).fit(raw("target_train"))
     normal, anomalous = (
@@ -75,13 +75,13 @@ def main() -> None:
     for seed in args.seeds:
         with scratch({"base.seed": seed, **TEN_CLASSES, **parse_overrides(args.set)}):
             run("ingest", "split", "preprocess", "train", "evaluate")
-            metrics = read_json("evaluate.json")
+            metrics = read_json("metrics/evaluate.json")
             accuracy.setdefault("trackflow CNN (scratch)", []).append(metrics["test"]["accuracy"])
             for name, value in metrics["baseline"].items():
                 accuracy.setdefault(f"scikit-learn {name}", []).append(value)
         with scratch({"base.seed": seed, **parse_overrides(args.set_anomaly)}):
             run("ingest", "split", "preprocess", "pretrain", "train", "anomaly")
-            for name, per_kind in read_json("anomaly.json").items():
+            for name, per_kind in read_json("metrics/anomaly.json").items():
                 auroc.setdefault(name, []).append(per_kind["source_classes"]["auroc"])
             auroc.setdefault("reference: kNN on raw features", []).append(raw_knn_auroc())
     print(f"\n10-class digits, test accuracy, seeds {args.seeds} (medians)")

@@ -27,7 +27,7 @@ def test_accuracy(model: Path) -> float:
     from trackflow.stages.scoring import labelled_arrays
 
     network, meta = load_classifier(model)
-    x, y = labelled_arrays(Path("processed/target_test.parquet"), meta)
+    x, y = labelled_arrays(Path("data/processed/target_test.parquet"), meta)
     return float((predict_proba(network, x).argmax(axis=1) == y).mean())
 
 
@@ -38,10 +38,10 @@ def logistic_references() -> dict[str, tuple[float, float]]:
     from trackflow.models import load_backbone, load_network
     from trackflow.stages.scoring import labelled_arrays
 
-    saved = load_network("backbone.pt")
-    meta = load_network("model.pt")  # the target task's classes and label column
-    x_train, y_train = labelled_arrays(Path("processed/target_train.parquet"), meta)
-    x_test, y_test = labelled_arrays(Path("processed/target_test.parquet"), meta)
+    saved = load_network("models/backbone.pt")
+    meta = load_network("models/model.pt")  # the target task's classes and label column
+    x_train, y_train = labelled_arrays(Path("data/processed/target_train.parquet"), meta)
+    x_test, y_test = labelled_arrays(Path("data/processed/target_test.parquet"), meta)
     backbone = load_backbone(saved, x_train.shape[1], "bench").eval()
 
     def embed(x: np.ndarray) -> np.ndarray:
@@ -76,11 +76,11 @@ def main() -> None:
         overrides = {"base.seed": seed, "data.target_train_fraction": args.fraction}
         with scratch(overrides | parse_overrides(args.set)) as folder:
             run("ingest", "split", "preprocess", "pretrain")
-            n_rows = len(__import__("pandas").read_parquet("processed/target_train.parquet"))
+            n_rows = len(__import__("pandas").read_parquet("data/processed/target_train.parquet"))
             for mode in MODES:
                 set_params(folder, {"train.mode": mode})
                 seconds = run("train")
-                results[mode].append((test_accuracy(Path("model.pt")), seconds))
+                results[mode].append((test_accuracy(Path("models/model.pt")), seconds))
             for name, result in logistic_references().items():
                 results[name].append(result)
     print(
