@@ -347,3 +347,8 @@ def test_train_stage_needs_the_pretrained_backbone(processed, write_params, caps
     assert "run the pretrain stage first" in capsys.readouterr().err
     experiment = MlflowClient().get_experiment_by_name("trackflow")
     assert experiment is None or not MlflowClient().search_runs([experiment.experiment_id])
+
+
+def test_training_stages_need_the_preprocessed_data(write_params, capsys) -> None:
+    assert pretrain(pretrain_argv(write_params(QUICK), Path("nowhere"))) == 3
+    assert "run the preprocess stage first" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from torch import nn
 from trackflow.config import OptimizationConfig, Params, flatten_params
 from trackflow.io import atomic_outputs, read_json, write_json
 from trackflow.models import build_backbone, build_head, init_weights, save_network
+from trackflow.stages import require_inputs
 from trackflow.tracking import TAG_PREFIX, log_metrics, log_params, set_tags, setup_tracking
 from trackflow.training import (
     ClassifierLitModule,
@@ -49,6 +50,7 @@ class TrainingRun:
     def __init__(
         self, params: Params, config: OptimizationConfig, task: str, data_dir: Path, name: str
     ) -> None:
+        require_inputs(data_dir / "meta.json", made_by="preprocess")
         self.params, self.config, self.name = params, config, name
         self.data_dir = data_dir
         self.data = FeatureDataModule(
