@@ -68,6 +68,13 @@ def run(*stages: str) -> float:
     return time.perf_counter() - start
 
 
+def add_overrides_option(parser: Any, flag: str = "--set", what: str = "params") -> None:
+    """A ``--set KEY=VALUE ...`` option for params overrides."""
+    parser.add_argument(
+        flag, nargs="*", default=[], metavar="KEY=VALUE", help=f"{what} overrides (YAML values)"
+    )
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` strings, values read as YAML."""
     return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}

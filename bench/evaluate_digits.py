@@ -16,7 +16,7 @@ import argparse
 import statistics
 
 import numpy as np
-from common import parse_overrides, run, scratch
+from common import add_overrides_option, parse_overrides, run, scratch
 
 TEN_CLASSES = {
     "data.source_classes": None,
@@ -53,20 +53,8 @@ def raw_knn_auroc() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra overrides for part 1 (YAML values)",
-    )
-    parser.add_argument(
-        "--set-anomaly",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra overrides for part 2 (YAML values)",
-    )
+    add_overrides_option(parser, "--set", "part 1 params")
+    add_overrides_option(parser, "--set-anomaly", "part 2 params")
     args = parser.parse_args()
     from trackflow.io import read_json
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import parse_overrides, run, scratch, set_params
+from common import add_overrides_option, parse_overrides, run, scratch, set_params
 
 MODES = ("finetune", "feature_extraction", "scratch")
 
@@ -62,13 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fraction", type=float, default=0.05, help="data.target_train_fraction")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra params overrides (YAML values)",
-    )
+    add_overrides_option(parser)
     args = parser.parse_args()
     names = (*MODES, "logreg on features", "logreg on embedding")
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}

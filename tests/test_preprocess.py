@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import joblib
 import numpy as np
 import pandas as pd
@@ -156,20 +158,25 @@ def test_stage_runs_with_every_scaler_and_pca_setting(write_params, scaler, n_co
     )
 
 
+def table_params(write_params, source: Path, extra: dict[str, object]) -> Path:
+    """Params for a user's table: one task of all its classes, PCA off."""
+    return write_params(
+        {
+            "data.source": str(source),
+            "data.source_classes": None,
+            "data.target_classes": None,
+            "preprocess.pca.n_components": None,
+            **extra,
+        }
+    )
+
+
 def test_pca_off_on_a_table_wider_than_it_is_long(write_params, tmp_path) -> None:
     rng = np.random.default_rng(0)
     table = pd.DataFrame(rng.normal(size=(30, 50)), columns=[f"f{i}" for i in range(50)])
     table["label"] = np.arange(30) % 2
     table.to_csv(tmp_path / "wide.csv", index=False)
-    params = write_params(
-        {
-            "data.source": str(tmp_path / "wide.csv"),
-            "data.label_column": "label",
-            "data.source_classes": None,
-            "data.target_classes": None,
-            "preprocess.pca.n_components": None,
-        }
-    )
+    params = table_params(write_params, tmp_path / "wide.csv", {"data.label_column": "label"})
     assert run_data_stages(params) == 0
     assert read_json(tmp_path / "metrics/preprocess.json")["n_components"] == 50
 
@@ -178,15 +185,7 @@ def test_imputed_values_are_counted_in_the_metrics(write_params, tmp_path) -> No
     table = load_bundled("iris")
     table.iloc[[0, 60, 120], 1] = np.nan
     table.to_csv(tmp_path / "iris.csv", index=False)
-    params = write_params(
-        {
-            "data.source": str(tmp_path / "iris.csv"),
-            "data.non_finite": "impute",
-            "data.source_classes": None,
-            "data.target_classes": None,
-            "preprocess.pca.n_components": None,
-        }
-    )
+    params = table_params(write_params, tmp_path / "iris.csv", {"data.non_finite": "impute"})
     assert run_data_stages(params) == 0
     assert read_json(tmp_path / "metrics/preprocess.json")["imputed_values"] == 3
     processed = pd.concat(read_table(p) for p in (tmp_path / "processed").glob("*.parquet"))
