@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import pkgutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(sub)
         sub.set_defaults(handler=module.run)
 
+    for name in _tool_names():
+        module = importlib.import_module(f"trackflow.commands.{name}")
+        summary = (module.__doc__ or "").strip().splitlines()[0]
+        sub = commands.add_parser(name, help=summary, description=module.__doc__)
+        module.add_arguments(sub)
+        sub.set_defaults(handler=module.run)
+
     params = commands.add_parser(
         "params", help="validate the params file and print it with defaults filled in"
     )
@@ -45,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     example.add_argument("out", type=Path, help="file to write (.csv or .parquet)")
     example.set_defaults(handler=_export_example)
     return parser
+
+
+def _tool_names() -> list[str]:
+    """Modules of ``trackflow.commands``: each is one sub-command (``add_arguments``, ``run``)."""
+    import trackflow.commands
+
+    return sorted(m.name for m in pkgutil.iter_modules(trackflow.commands.__path__))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

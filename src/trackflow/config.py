@@ -355,6 +355,44 @@ class AnomalyConfig(_Section):
         return self
 
 
+class PromotionConfig(_Section):
+    """The promotion gate: when a registered challenger becomes the ``champion``."""
+
+    primary_metric: Literal["accuracy", "macro_f1"] = Field(
+        "accuracy", description="Metric the challenger must beat the champion on."
+    )
+    min_delta: float = Field(
+        0.0, ge=0, lt=1, description="Challenger minus champion on the primary metric, at least."
+    )
+    test: Literal["mcnemar", "bootstrap"] = Field(
+        "mcnemar",
+        description="Statistical support for 'better' on the same test rows: McNemar's exact test "
+        "(accuracy only) or a paired bootstrap confidence interval of the difference.",
+    )
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="One-sided level of that support (0.95: p < 0.05)."
+    )
+    bootstrap_samples: PositiveInt = Field(2000, ge=100)
+    min_accuracy: float = Field(
+        0.9, ge=0, le=1, description="Floor: a challenger below it is never promoted."
+    )
+    min_anomaly_auroc: float = Field(
+        0.8, ge=0, le=1, description="Floor on the anomaly detector's test AUROC."
+    )
+    lock_timeout_s: float = Field(
+        300, gt=0, description="How long a promotion waits for another one to finish."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PromotionConfig:
+        if self.test == "mcnemar" and self.primary_metric != "accuracy":
+            raise ValueError(
+                f"test 'mcnemar' compares per-row correctness, i.e. accuracy; with primary_metric "
+                f"{self.primary_metric!r} use test: bootstrap"
+            )
+        return self
+
+
 class Params(_Section):
     """The whole ``params.yaml``."""
 
@@ -367,6 +405,7 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     anomaly: AnomalyConfig = AnomalyConfig()
+    promotion: PromotionConfig = PromotionConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Params:

@@ -80,6 +80,28 @@ def tracked_run(tracking: Tracking, run_name: str, tags: dict[str, str]) -> Iter
     tracking.client.set_terminated(run_id, status="FINISHED")
 
 
+@contextmanager
+def fluent_tracking(tracking: Tracking) -> Iterator[None]:
+    """Point MLflow's process-wide (fluent) API at ``tracking`` for a block, then restore it.
+
+    For the few MLflow calls that have no client form (logging a model). The previous URI and the
+    ``MLFLOW_TRACKING_URI`` variable, which ``mlflow.set_tracking_uri`` also sets, come back after.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved_uri, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking.tracking_uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = saved_uri
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
 def log_params(tracking: Tracking, run_id: str, params: dict[str, Any]) -> None:
     """Log many params in one call (one ``log_param`` costs a round trip each)."""
     from mlflow.entities import Param

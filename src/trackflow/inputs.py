@@ -1,0 +1,68 @@
+"""Checking a table of raw rows against the feature columns a model was trained on.
+
+Shared by everything that scores rows (the packaged model, batch scoring, the REST service), so a
+bad table gets the same message wherever it arrives. Only pandas and numpy: no model needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from trackflow.errors import DataError, preview
+
+
+class InputError(DataError):
+    """Rows to score do not match the model's input schema."""
+
+
+def check_rows(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """The rows as float64 in the model's column order, or an error naming everything wrong.
+
+    Args:
+        frame: Rows to score, shape (n_rows, n_columns), with the raw feature columns by name.
+        columns: The feature columns the model was trained on, in order.
+
+    Raises:
+        InputError: The frame is not a table, is empty, misses or adds columns, has non-numeric
+            columns, or holds NaN/inf.
+    """
+    if not isinstance(frame, pd.DataFrame):
+        raise InputError(f"expected a table (pandas DataFrame) of rows, got {type(frame).__name__}")
+    names = [str(c) for c in frame.columns]
+    expected = list(columns)
+    missing = [c for c in expected if c not in set(names)]
+    extra = [c for c in names if c not in set(expected)]
+    problems = []
+    if missing:
+        problems.append(f"missing columns: {preview(missing)}")
+    if extra:
+        problems.append(f"unexpected columns: {preview(extra)}")
+    if len(set(names)) != len(names):
+        problems.append("duplicate column names")
+    if problems:
+        raise InputError(
+            "; ".join(problems) + f". The model takes exactly these {len(expected)} columns: "
+            f"{preview(expected)}"
+        )
+    if frame.empty:
+        raise InputError("no rows to score: the table is empty")
+    frame = frame.set_axis(names, axis=1)[expected]
+    wrong = [
+        f"{c} ({frame[c].dtype})"
+        for c in expected
+        if not pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c])
+    ]
+    if wrong:
+        raise InputError(f"non-numeric columns: {preview(wrong)}; every feature must be a number")
+    values = frame.to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        cells = [
+            f"row {frame.index[r]!s} column {expected[c]}" for r, c in zip(rows, cols, strict=True)
+        ]
+        raise InputError(f"NaN or infinite values at {preview(cells, limit=4)}")
+    return pd.DataFrame(values, columns=expected, index=frame.index)

@@ -1,0 +1,194 @@
+"""The packaged model: preprocessor, network and anomaly detector as one MLflow pyfunc model.
+
+What is registered scores **raw rows** on its own. Input: a table with the raw feature columns,
+named as in the ingested data. Output, one row per input row:
+
+- ``label``: the predicted class;
+- ``proba_<class>``: the probability of each class (in the model's class order);
+- ``anomaly_score``: higher for rows less like the target training data;
+- ``is_anomaly``: whether ``anomaly_score`` is above the detector's threshold (set at
+  ``anomaly.target_fpr`` on healthy validation rows).
+
+It loads with nothing but ``mlflow.pyfunc.load_model(uri)`` in a process where trackflow is
+installed, and answers through ``mlflow models serve``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from trackflow.inputs import InputError, check_rows
+
+if TYPE_CHECKING:
+    from mlflow.models.model import ModelInfo
+
+    from trackflow.tracking import Tracking
+
+#: Name of the packaged model inside its run (``runs:/<id>/model``) and of its logged-model entity.
+MODEL_NAME = "model"
+
+
+@dataclass
+class Scorer:
+    """Raw rows in, labels, probabilities and anomaly scores out: the packaged model's work.
+
+    Attributes:
+        preprocessor: Fitted scikit-learn pipeline (impute, scale, PCA or passthrough).
+        network: ``nn.Sequential(backbone, head)`` in eval mode.
+        detector: Bundle saved by the anomaly stage (``name``, ``space``, ``detector``).
+        columns: Raw feature columns, in training order.
+        classes: Class labels, in the network's output order.
+    """
+
+    preprocessor: Any
+    network: Any
+    detector: dict[str, Any]
+    columns: list[str]
+    classes: list[Any]
+
+    def __post_init__(self) -> None:
+        self._scale = self.preprocessor[:-1]
+        reduce = self.preprocessor[-1]
+        self._reduce = None if reduce == "passthrough" else reduce
+
+    @classmethod
+    def from_files(
+        cls, preprocessor: str | Path, network: str | Path, detector: str | Path
+    ) -> Scorer:
+        """Load the three fitted parts the pipeline wrote."""
+        import joblib
+
+        from trackflow.models import load_classifier
+
+        pipeline = joblib.load(preprocessor)
+        model, meta = load_classifier(network)
+        return cls(
+            preprocessor=pipeline,
+            network=model,
+            detector=joblib.load(detector),
+            columns=[str(c) for c in pipeline.feature_names_in_],
+            classes=list(meta["classes"]),
+        )
+
+    def score(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Score rows already checked by :func:`~trackflow.inputs.check_rows`.
+
+        Args:
+            rows: Raw features, shape (n_rows, n_features), columns in training order.
+
+        Returns:
+            ``label``, ``proba_<class>`` per class, ``anomaly_score`` and ``is_anomaly`` per row,
+            indexed like ``rows``.
+        """
+        import torch
+
+        scaled = self._scale.transform(rows)
+        features = scaled if self._reduce is None else self._reduce.transform(scaled)
+        backbone, head = self.network[0], self.network[1]
+        with torch.inference_mode():
+            embedding = backbone(torch.from_numpy(np.array(features, dtype=np.float32)))
+            proba = torch.softmax(head(embedding), dim=1).numpy()
+        space = embedding.numpy() if self.detector["space"] == "embedding" else np.asarray(scaled)
+        detector = self.detector["detector"]
+        normality = detector.score_samples(space)
+        out = {"label": np.asarray(self.classes)[proba.argmax(axis=1)]}
+        out |= {f"proba_{c}": proba[:, i].astype(np.float64) for i, c in enumerate(self.classes)}
+        out["anomaly_score"] = -normality.astype(np.float64)
+        out["is_anomaly"] = normality < detector.threshold_
+        return pd.DataFrame(out, index=rows.index)
+
+
+class PackagedModel(mlflow.pyfunc.PythonModel):
+    """The MLflow pyfunc wrapper around a :class:`Scorer` built from the model's artifacts.
+
+    ``profile`` is the training rows' :func:`~trackflow.drift.build_profile`, for drift checks
+    (``mlflow.pyfunc.load_model(uri).unwrap_python_model().profile``).
+    """
+
+    def load_context(self, context: Any) -> None:
+        """Load the preprocessor, network and detector logged as the model's artifacts."""
+        paths = context.artifacts
+        self.scorer = Scorer.from_files(paths["preprocessor"], paths["network"], paths["detector"])
+        self.profile = json.loads(Path(paths["profile"]).read_text())
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
+        """Score raw rows; a table that does not fit the model is refused with a clear message."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            rows = check_rows(model_input, self.scorer.columns)
+        except InputError as exc:
+            raise MlflowException.invalid_parameter_value(str(exc)) from None
+        return self.scorer.score(rows)
+
+
+def pip_requirements() -> list[str]:
+    """What the packaged model needs at load time, pinned to the versions it was logged with."""
+    from importlib.metadata import version
+
+    return [
+        f"{name}=={version(name)}"
+        for name in ("mlflow", "torch", "scikit-learn", "pandas", "numpy", "joblib", "trackflow")
+    ]
+
+
+def log_packaged_model(
+    tracking: Tracking,
+    run_id: str,
+    preprocessor: Path,
+    network: Path,
+    detector: Path,
+    example: pd.DataFrame,
+    reference: pd.DataFrame,
+) -> ModelInfo:
+    """Log preprocessor + network + detector to ``run_id`` as one pyfunc model named ``model``.
+
+    The signature is inferred from ``example`` (raw rows) and the model's own output on it, which
+    also checks that the three parts fit together before anything is logged. ``reference`` (the
+    raw training rows) is profiled into the model's ``profile`` artifact.
+
+    Returns:
+        MLflow's ``ModelInfo``; ``model_uri`` is the logged model's ``models:/m-<id>`` URI.
+    """
+    from mlflow.models import Model, infer_signature
+
+    from trackflow.drift import build_profile
+    from trackflow.tracking import fluent_tracking
+
+    scorer = Scorer.from_files(preprocessor, network, detector)
+    example = check_rows(example, scorer.columns)
+    signature = infer_signature(example, scorer.score(example))
+    # Created here, in the run's experiment: Model.log alone would file it under the process's
+    # active experiment (Default, with artifacts relative to the working directory).
+    logged = tracking.client.create_logged_model(
+        tracking.experiment_id, name=MODEL_NAME, source_run_id=run_id, model_type="trackflow"
+    )
+    with fluent_tracking(tracking), tempfile.TemporaryDirectory() as folder:
+        profile = Path(folder) / "profile.json"
+        profile.write_text(json.dumps(build_profile(check_rows(reference, scorer.columns))))
+        return Model.log(
+            artifact_path=None,
+            name=MODEL_NAME,
+            flavor=mlflow.pyfunc,
+            flavor_name="pyfunc.CustomPythonModel",
+            run_id=run_id,
+            python_model=PackagedModel(),
+            artifacts={
+                "preprocessor": str(preprocessor),
+                "network": str(network),
+                "detector": str(detector),
+                "profile": str(profile),
+            },
+            signature=signature,
+            input_example=example,
+            pip_requirements=pip_requirements(),
+            model_id=logged.model_id,
+        )
