@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,82 @@ def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         patch.chdir(folder)
         assert run_data_stages(params) == 0
     return folder / "processed"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A trained target model with its detector, as the train and anomaly stages leave them."""
+
+    folder: Path
+    processed: Path
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """The pipeline's paths to this candidate's inputs and outputs, by register-stage flag."""
+        data = self.processed.parent
+        return {
+            "splits": data / "split",
+            "data": self.processed,
+            "preprocessor": data / "models/preprocessor.joblib",
+            "model": self.folder / "model.pt",
+            "detector": self.folder / "detector.joblib",
+            "run": self.folder / "train_run.json",
+        }
+
+
+@pytest.fixture(scope="session")
+def candidates(processed: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Candidate]:
+    """Two candidates trained once for the session, in the session store (``candidate_store``).
+
+    ``good`` trains 15 epochs (test accuracy ~0.95), ``weak`` one epoch of a narrow network.
+    """
+    from trackflow.stages.anomaly import main as anomaly
+    from trackflow.stages.train import main as train
+
+    root = tmp_path_factory.mktemp("candidates")
+    settings = {
+        "good": {"train.max_epochs": 15, "model.widths": [64]},
+        "weak": {"train.max_epochs": 1, "model.widths": [4], "train.lr": 0.0003},
+    }
+    found = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", candidate_store_uri(root))
+        for name, overrides in settings.items():
+            folder = root / name
+            folder.mkdir()
+            patch.chdir(folder)
+            raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+            for key, value in {
+                **overrides,
+                "train.mode": "scratch",
+                "anomaly.detectors": ["knn"],
+            }.items():
+                set_dotted(raw, key, value)
+            params = folder / "params.yaml"
+            params.write_text(yaml.safe_dump(raw))
+            assert train(train_argv(params, processed, "none.pt")) == 0
+            data = processed.parent
+            argv = ["--params", str(params), "--splits", str(data / "split")]
+            argv += ["--preprocessor", str(data / "models/preprocessor.joblib")]
+            argv += ["--model", "model.pt", "--run", "train_run.json"]
+            argv += ["--detector-out", "detector.joblib", "--metrics", "anomaly.json"]
+            assert anomaly([*argv, "--plots", "plots"]) == 0
+            found[name] = Candidate(folder, processed)
+    return found
+
+
+def candidate_store_uri(root: Path) -> str:
+    """The MLflow store the session's candidates were trained in."""
+    return f"sqlite:///{root}/mlflow.db"
+
+
+@pytest.fixture
+def candidate_store(
+    candidates: dict[str, Candidate],
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> str:
+    """Use the candidates' MLflow store in this test; return a model name no other test uses."""
+    root = next(iter(candidates.values())).folder.parent
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", candidate_store_uri(root))
+    return "m-" + "".join(c if c.isalnum() else "-" for c in request.node.name)[:60]
