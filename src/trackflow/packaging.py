@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,6 +79,14 @@ class Scorer:
             classes=list(meta["classes"]),
         )
 
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Check a table of raw rows against the model's columns, then :meth:`score` it.
+
+        Raises:
+            InputError: The table does not fit the model (message names what is wrong).
+        """
+        return self.score(check_rows(frame, self.columns))
+
     def score(self, rows: pd.DataFrame) -> pd.DataFrame:
         """Score rows already checked by :func:`~trackflow.inputs.check_rows`.
 
@@ -124,10 +133,9 @@ class PackagedModel(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import MlflowException
 
         try:
-            rows = check_rows(model_input, self.scorer.columns)
+            return self.scorer.predict(model_input)
         except InputError as exc:
             raise MlflowException.invalid_parameter_value(str(exc)) from None
-        return self.scorer.score(rows)
 
 
 def pip_requirements() -> list[str]:
@@ -165,7 +173,9 @@ def log_packaged_model(
 
     scorer = Scorer.from_files(preprocessor, network, detector)
     example = check_rows(example, scorer.columns)
-    signature = infer_signature(example, scorer.score(example))
+    with warnings.catch_warnings():  # MLflow's hint that int columns cannot hold NaN: labels
+        warnings.simplefilter("ignore", UserWarning)
+        signature = infer_signature(example, scorer.score(example))
     # Created here, in the run's experiment: Model.log alone would file it under the process's
     # active experiment (Default, with artifacts relative to the working directory).
     logged = tracking.client.create_logged_model(

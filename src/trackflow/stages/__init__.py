@@ -16,7 +16,7 @@ from pathlib import Path
 
 from trackflow.errors import DataError, TrackflowError
 
-STAGES = ("ingest", "split", "preprocess", "pretrain", "train", "evaluate", "anomaly")
+STAGES = ("ingest", "split", "preprocess", "pretrain", "train", "evaluate", "anomaly", "register")
 
 log = logging.getLogger("trackflow")
 

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> None:
                 "dataset_digest": summary["dataset_digest"],
                 "raw_feature_columns": [c for c in parts["target_train"].columns if c != label],
                 "label_column": label,
+                "run_id": run_id,
             },
             out / "meta.json",
         )

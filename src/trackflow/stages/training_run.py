@@ -21,6 +21,7 @@ from torch import nn
 
 from trackflow.config import OptimizationConfig, Params, flatten_params
 from trackflow.io import atomic_outputs, read_json, write_json
+from trackflow.lineage import log_datasets, run_tags
 from trackflow.models import build_backbone, build_head, init_weights, save_network
 from trackflow.stages import require_inputs
 from trackflow.tracking import TAG_PREFIX, log_metrics, log_params, set_tags, setup_tracking
@@ -65,19 +66,19 @@ class TrainingRun:
     def __enter__(self) -> TrainingRun:
         seed_everything(self.params.base.seed, workers=True, verbose=False)
         if self.is_writer:
+            meta = read_json(self.data_dir / "meta.json")
+            tags = {
+                TAG_PREFIX + "stage": self.name,
+                TAG_PREFIX + "data_digest": meta["dataset_digest"],
+                TAG_PREFIX + "preprocess_run_id": str(meta.get("run_id")),
+            } | run_tags(self.params)
             run = self.tracking.client.create_run(
-                self.tracking.experiment_id,
-                run_name=self.name,
-                tags={
-                    TAG_PREFIX + "stage": self.name,
-                    TAG_PREFIX + "data_digest": read_json(self.data_dir / "meta.json")[
-                        "dataset_digest"
-                    ],
-                },
+                self.tracking.experiment_id, run_name=self.name, tags=tags
             )
             self.run_id = run.info.run_id
             try:
                 log_params(self.tracking, self.run_id, flatten_params(self.params))
+                self._log_datasets(meta["dataset_digest"])
             except BaseException as error:
                 self.__exit__(type(error), error, None)
                 raise
@@ -93,6 +94,15 @@ class TrainingRun:
         if self.run_id is not None:
             status = "FINISHED" if error is None else "FAILED"
             self.tracking.client.set_terminated(self.run_id, status=status)
+
+    def _log_datasets(self, digest: str) -> None:
+        """The task's preprocessed parts as the run's dataset inputs, when the task exists."""
+        if not self.has_task():
+            return
+        self.data.setup()
+        contexts = {"train": "training", "val": "validation", "test": "testing"}
+        tables = {contexts[split]: table for split, table in self.data.tables.items()}
+        log_datasets(self.tracking, self.run_id, tables, digest, str(self.data_dir))
 
     def has_task(self) -> bool:
         """Whether the preprocessed data holds this run's task."""

@@ -1,0 +1,44 @@
+"""Print a registered model's promotion ledger: every alias move and gate decision.
+
+One row per entry, oldest first: sequence, time, action (challenger, promote, reject, rollback),
+alias, version and the one it replaced, run id, reason, git commit, who, and the gate's metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from trackflow.stages import add_params_argument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_params_argument(parser)
+    parser.add_argument("name", nargs="?", help="registered model (default: params model.name)")
+    parser.add_argument(
+        "--format", choices=("table", "csv", "json"), default="table", help="default: %(default)s"
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    from trackflow.commands.promote import registry_errors
+    from trackflow.config import load_params
+    from trackflow.promotion import history_table, ledger
+    from trackflow.tracking import setup_tracking
+
+    params = load_params(args.params)
+    name = args.name or params.model.name
+    tracking = setup_tracking(params.base.mlflow)
+    with registry_errors(name):
+        table = history_table(ledger(tracking.client, name))
+    if args.format == "csv":
+        print(table.to_csv(index=False), end="")
+    elif args.format == "json":
+        print(table.to_json(orient="records", indent=2))
+    elif table.empty:
+        print(f"{name}: no ledger entries")
+    else:
+        columns = ["seq", "time", "action", "alias", "version", "previous", "accuracy"]
+        columns += ["anomaly_auroc", "git_commit", "reason"]
+        shown = table.reindex(columns=columns)
+        shown["git_commit"] = shown["git_commit"].str[:10]
+        print(shown.to_string(index=False, float_format="{:.4f}".format))

@@ -1,0 +1,76 @@
+"""Gate a registered version against the champion and promote it if it wins, or roll back.
+
+``trackflow promote`` gates the current ``challenger`` (or ``--version N``) exactly as the register
+stage does: both it and the ``champion`` are re-scored on the pinned test rows of ``--splits``.
+``trackflow promote --rollback`` moves ``champion`` back to the version it replaced. Both append to
+the model's ledger (``trackflow history``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from trackflow.stages import add_params_argument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_params_argument(parser)
+    parser.add_argument("--name", help="registered model (default: params model.name)")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--version", help="version to gate (default: the challenger)")
+    what.add_argument("--rollback", action="store_true", help="return champion to the previous one")
+    parser.add_argument(
+        "--splits",
+        type=Path,
+        default=Path("data/split"),
+        help="split folder (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--reason", default="manual rollback", help="why (recorded with a rollback)"
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    from trackflow.config import load_params
+    from trackflow.errors import ConfigError
+    from trackflow.promotion import CHALLENGER, alias_version, promote_if_better, rollback
+    from trackflow.stages import require_inputs
+    from trackflow.stages.register import build_gate_set
+    from trackflow.tracking import setup_tracking
+
+    params = load_params(args.params)
+    name = args.name or params.model.name
+    tracking = setup_tracking(params.base.mlflow)
+    with registry_errors(name):
+        if args.rollback:
+            entry = rollback(tracking, name, args.reason, params.promotion.lock_timeout_s)
+            print(f"{name}@champion: version {entry.previous} -> {entry.version} (rollback)")
+            return
+        version = args.version or alias_version(tracking.client, name, CHALLENGER)
+        if version is None:
+            raise ConfigError(f"{name} has no challenger; name one with --version")
+        require_inputs(args.splits / "summary.json", made_by="split")
+        gate_set = build_gate_set(args.splits, params)
+        decision = promote_if_better(
+            tracking, name, str(version), gate_set, params.promotion, params.base.seed
+        )
+    print(f"{name} version {version}: {'promoted' if decision.promote else 'not promoted'}")
+    print(f"  {decision.reason}")
+
+
+@contextmanager
+def registry_errors(name: str) -> Iterator[None]:
+    """Turn the registry's 'no such model, version or alias' into a one-line error."""
+    from mlflow.exceptions import MlflowException
+
+    from trackflow.errors import ConfigError
+
+    try:
+        yield
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise ConfigError(f"registered model {name!r}: {exc.message}") from None

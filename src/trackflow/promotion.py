@@ -1,0 +1,374 @@
+"""Promotion in the MLflow model registry: aliases behind a gate, a lock, and a ledger.
+
+- Every candidate becomes a new version with the alias ``challenger``.
+- :func:`promote_if_better` re-scores the challenger and the current ``champion`` on the same
+  pinned rows (:mod:`trackflow.gate`) and moves ``champion`` only if the gate says so.
+- Every alias move and gate decision is appended to a **ledger** kept in the registry itself, as
+  registered-model tags ``trackflow.ledger.<seq>`` holding one JSON entry each (who, what, when,
+  why: versions, run id, metrics, git commit). Entries are only ever added. :func:`rollback` moves
+  ``champion`` back to the version it replaced, and records that too.
+- Changes are serialised by a lock that also lives in the registry (a registered model named
+  ``<name>.promotion-lock``, whose creation is atomic in every MLflow store), so two promotions
+  racing for the same model leave exactly one champion and a consistent ledger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from trackflow.errors import TrackflowError
+from trackflow.tracking import TAG_PREFIX
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from trackflow.config import PromotionConfig
+    from trackflow.gate import Decision, Evaluation, GateSet
+    from trackflow.tracking import Tracking
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+LEDGER_TAG = TAG_PREFIX + "ledger."
+LOCK_SUFFIX = ".promotion-lock"
+STALE_LOCK_S = 1800.0
+
+
+class PromotionError(TrackflowError):
+    """A promotion or rollback cannot be done as asked; nothing in the registry changed."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One alias move or gate decision: who, what, when, why."""
+
+    seq: int
+    time: str
+    action: str  # challenger | promote | reject | rollback
+    alias: str
+    version: str
+    previous: str | None
+    run_id: str | None
+    reason: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    git_commit: str | None = None
+    who: str = ""
+
+    def to_tag(self) -> tuple[str, str]:
+        """The registered-model tag that stores this entry."""
+        return f"{LEDGER_TAG}{self.seq:06d}", json.dumps(asdict(self), sort_keys=True)
+
+
+def ledger(client: MlflowClient, name: str) -> list[LedgerEntry]:
+    """The model's ledger, oldest entry first."""
+    tags = client.get_registered_model(name).tags
+    entries = [json.loads(v) for k, v in tags.items() if k.startswith(LEDGER_TAG)]
+    return [LedgerEntry(**entry) for entry in sorted(entries, key=lambda e: e["seq"])]
+
+
+def history_table(entries: list[LedgerEntry]) -> pd.DataFrame:
+    """The ledger as a table, one row per entry, metrics as columns."""
+    import pandas as pd
+
+    rows = [
+        {k: v for k, v in asdict(e).items() if k != "metrics"} | dict(e.metrics) for e in entries
+    ]
+    return pd.DataFrame(rows)
+
+
+def alias_version(client: MlflowClient, name: str, alias: str = "champion") -> str | None:
+    """The version an alias points at, as a string, or None."""
+    version = client.get_registered_model(name).aliases.get(alias)
+    return None if version is None else str(version)
+
+
+@contextmanager
+def promotion_lock(client: MlflowClient, name: str, timeout_s: float) -> Iterator[None]:
+    """Hold the model's promotion lock for the block; wait up to ``timeout_s`` for it.
+
+    Raises:
+        PromotionError: Another promotion held the lock for longer than ``timeout_s``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    lock = name + LOCK_SUFFIX
+    holder = f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock, tags={"holder": holder}, description=f"trackflow: promotion of {name} running"
+            )
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        _break_if_stale(client, lock)
+        if time.monotonic() > deadline:
+            raise PromotionError(
+                f"another promotion of {name!r} holds the lock {lock!r} (waited {timeout_s:g} s, "
+                "promotion.lock_timeout_s); if none is running, delete that registered model"
+            )
+        time.sleep(0.1 + random.random() * 0.2)
+    try:
+        yield
+    finally:
+        client.delete_registered_model(lock)
+
+
+def _break_if_stale(client: MlflowClient, lock: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        held = client.get_registered_model(lock)
+    except MlflowException:
+        return  # released meanwhile
+    age = time.time() - held.creation_timestamp / 1000
+    if age > STALE_LOCK_S:
+        log.warning("breaking lock %s held by %s for %.0f s", lock, held.tags.get("holder"), age)
+        with contextlib.suppress(MlflowException):  # another waiter broke it first
+            client.delete_registered_model(lock)
+
+
+def append_entry(
+    client: MlflowClient, name: str, git_commit: str | None = None, **fields: Any
+) -> LedgerEntry:
+    """Append an entry to the ledger; call it holding :func:`promotion_lock`."""
+    entries = ledger(client, name)
+    entry = LedgerEntry(
+        seq=(entries[-1].seq if entries else 0) + 1,
+        time=datetime.now(UTC).isoformat(timespec="seconds"),
+        git_commit=git_commit,
+        who=f"{getpass.getuser()}@{socket.gethostname()}",
+        **fields,
+    )
+    client.set_registered_model_tag(name, *entry.to_tag())
+    return entry
+
+
+def register_candidate(
+    tracking: Tracking,
+    name: str,
+    model_uri: str,
+    run_id: str,
+    model_id: str | None,
+    tags: dict[str, str],
+    timeout_s: float,
+) -> str:
+    """Register a logged model as a new version of ``name`` with the alias ``challenger``.
+
+    Returns:
+        The new version number.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from trackflow.tracking import fluent_tracking
+
+    client = tracking.client
+    try:
+        client.create_registered_model(name, description="trackflow classifier of raw rows")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # MLflow resolves a models:/m-<id> source through the process-wide tracking URI.
+    with promotion_lock(client, name, timeout_s), fluent_tracking(tracking):
+        version = str(
+            client.create_model_version(
+                name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id
+            ).version
+        )
+        previous = alias_version(client, name, CHALLENGER)
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        append_entry(
+            client,
+            name,
+            tags.get(TAG_PREFIX + "git_commit"),
+            action="challenger",
+            alias=CHALLENGER,
+            version=version,
+            previous=previous,
+            run_id=run_id,
+            reason=f"registered from run {run_id}",
+        )
+    return version
+
+
+def promote_if_better(
+    tracking: Tracking,
+    name: str,
+    version: str,
+    gate_set: GateSet,
+    config: PromotionConfig,
+    seed: int,
+    challenger: Evaluation | None = None,
+) -> Decision:
+    """Gate a registered version against the champion; move ``champion`` if it passes.
+
+    Both are scored on ``gate_set`` inside the lock, so a concurrent promotion cannot change the
+    champion between the comparison and the move. The decision is recorded on the version (tags
+    ``trackflow.gate.*``, its description), on its run (``gate/*`` metrics) and in the ledger.
+
+    Args:
+        tracking: The tracking store holding the registry.
+        name: Registered model name.
+        version: The version to gate (normally the ``challenger``).
+        gate_set: The pinned rows both models are scored on.
+        config: The gate's floors, metric, test and lock timeout.
+        seed: Seed of the bootstrap.
+        challenger: The version's scores if already computed (from the same files); else the
+            registered version is loaded and scored.
+    """
+    from trackflow.gate import Decision, decide, evaluate
+
+    client = tracking.client
+    with promotion_lock(client, name, config.lock_timeout_s):
+        model_version = client.get_model_version(name, version)
+        current = alias_version(client, name)
+        if current == version:
+            decision = Decision(False, f"version {version} is already the champion", {})
+            log.info("%s", decision.reason)
+            return decision
+        if challenger is None:
+            challenger = evaluate(load_predict(tracking, f"models:/{name}/{version}"), gate_set)
+        champion, problem = None, None
+        if current is not None:
+            try:
+                champion = evaluate(load_predict(tracking, f"models:/{name}/{current}"), gate_set)
+            except Exception as exc:  # a champion that cannot score these rows is not comparable
+                problem = (
+                    f"champion version {current} cannot score the pinned test rows "
+                    f"({type(exc).__name__}: {str(exc)[:300]}); a new dataset needs a new "
+                    "model.name"
+                )
+        decision = decide(challenger, champion, config, seed, problem)
+        _record(tracking, name, model_version, decision, current, gate_set.digest)
+    return decision
+
+
+def _record(
+    tracking: Tracking,
+    name: str,
+    model_version: Any,
+    decision: Decision,
+    current: str | None,
+    digest: str,
+) -> None:
+    from trackflow.tracking import log_metrics
+
+    client, version, run_id = tracking.client, str(model_version.version), model_version.run_id
+    outcome = "promoted" if decision.promote else "rejected"
+    tags = {
+        "gate.decision": outcome,
+        "gate.reason": decision.reason,
+        "gate.champion_version": current or "none",
+        "gate.test_digest": digest,
+    } | {f"gate.{k}": f"{v:.6g}" for k, v in decision.challenger.items()}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, TAG_PREFIX + key, value)
+    client.update_model_version(name, version, description=f"Gate: {outcome}. {decision.reason}")
+    if run_id:
+        log_metrics(tracking, run_id, decision.metrics())
+        client.set_tag(run_id, TAG_PREFIX + "gate.decision", outcome)
+        client.set_tag(run_id, TAG_PREFIX + "gate.reason", decision.reason)
+    git_commit = model_version.tags.get(TAG_PREFIX + "git_commit")
+    fields = {"run_id": run_id, "reason": decision.reason, "metrics": decision.challenger}
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        if alias_version(client, name, CHALLENGER) == version:
+            client.delete_registered_model_alias(name, CHALLENGER)
+        append_entry(
+            client,
+            name,
+            git_commit,
+            action="promote",
+            alias=CHAMPION,
+            version=version,
+            previous=current,
+            **fields,
+        )
+        log.info("%s version %s is the champion: %s", name, version, decision.reason)
+    else:
+        append_entry(
+            client,
+            name,
+            git_commit,
+            action="reject",
+            alias=CHAMPION,
+            version=version,
+            previous=current,
+            **fields,
+        )
+        log.info("%s version %s not promoted: %s", name, version, decision.reason)
+
+
+def rollback(tracking: Tracking, name: str, reason: str, timeout_s: float) -> LedgerEntry:
+    """Move ``champion`` back to the version it replaced, as recorded in the ledger.
+
+    Promotions push a version on the ledger's champion stack and rollbacks pop it, so repeated
+    rollbacks walk back through earlier champions.
+
+    Raises:
+        PromotionError: There is no earlier champion, or the alias was moved outside trackflow.
+    """
+    client = tracking.client
+    with promotion_lock(client, name, timeout_s):
+        stack = champion_stack(ledger(client, name))
+        current = alias_version(client, name)
+        if not stack or stack[-1] != current:
+            raise PromotionError(
+                f"{name}@champion is version {current} but the ledger says "
+                f"{stack[-1] if stack else 'none'}: the alias was moved outside trackflow; move "
+                "it back first"
+            )
+        if len(stack) < 2:
+            raise PromotionError(f"{name} has no earlier champion than version {current}")
+        target = stack[-2]
+        client.set_registered_model_alias(name, CHAMPION, target)
+        run_id = client.get_model_version(name, target).run_id
+        entry = append_entry(
+            client,
+            name,
+            action="rollback",
+            alias=CHAMPION,
+            version=target,
+            previous=current,
+            run_id=run_id,
+            reason=reason,
+        )
+    log.info("%s@champion rolled back from version %s to %s", name, current, target)
+    return entry
+
+
+def champion_stack(entries: list[LedgerEntry]) -> list[str]:
+    """Champion versions in force, oldest first: promotions push, rollbacks pop."""
+    stack: list[str] = []
+    for entry in entries:
+        if entry.action == "promote":
+            stack.append(entry.version)
+        elif entry.action == "rollback" and stack:
+            stack.pop()
+    return stack
+
+
+def load_predict(tracking: Tracking, uri: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """A registered model's ``predict``, loaded from the tracking store of ``tracking``."""
+    import mlflow.pyfunc
+
+    from trackflow.tracking import fluent_tracking
+
+    with fluent_tracking(tracking):
+        return mlflow.pyfunc.load_model(uri).predict

@@ -1,0 +1,147 @@
+"""Register: package the candidate as the challenger; promote it if it beats the champion.
+
+Logs preprocessor + network + anomaly detector to the candidate's run as one pyfunc model that
+scores raw rows, registers it as a new version of ``model.name`` with the alias ``challenger`` and
+the lineage tags (git, params digest, DVC hashes from ``--lock``), then runs the gate
+(``promotion.*``): the challenger and the current ``champion`` are scored on the same pinned test
+rows (the target test split plus held-out anomalies) and ``champion`` moves only if the challenger
+passes the floors and beats it with statistical support. Writes ``--out`` (version and decision)
+and ``--metrics`` (the gate's numbers). The challenger is scored before anything is registered, so
+a candidate that cannot score its own test rows changes nothing in the registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from trackflow.stages import add_params_argument, require_inputs, stage_main
+
+if TYPE_CHECKING:
+    from trackflow.config import Params
+    from trackflow.gate import GateSet
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_params_argument(parser)
+    parser.add_argument("--splits", type=Path, required=True, help="folder written by split")
+    parser.add_argument("--preprocessor", type=Path, required=True, help="fitted preprocessor")
+    parser.add_argument("--model", type=Path, required=True, help="target model (train stage)")
+    parser.add_argument("--detector", type=Path, required=True, help="anomaly stage's detector")
+    parser.add_argument("--run", type=Path, required=True, help="train stage's run JSON file")
+    parser.add_argument("--lock", type=Path, default=Path("dvc.lock"), help="DVC lock file")
+    parser.add_argument("--out", type=Path, required=True, help="registration JSON to write")
+    parser.add_argument("--metrics", type=Path, required=True, help="gate metrics JSON file")
+
+
+def run(args: argparse.Namespace) -> None:
+    from trackflow.config import load_params
+    from trackflow.gate import evaluate
+    from trackflow.io import atomic_outputs, read_json, read_table, write_json
+    from trackflow.lineage import dvc_hashes, run_tags
+    from trackflow.packaging import Scorer, log_packaged_model
+    from trackflow.promotion import alias_version, promote_if_better, register_candidate
+    from trackflow.tracking import set_tags, setup_tracking
+
+    params = load_params(args.params)
+    require_inputs(args.model, args.run, made_by="train")
+    require_inputs(args.detector, made_by="anomaly")
+    require_inputs(args.preprocessor, made_by="preprocess")
+    require_inputs(args.splits / "summary.json", made_by="split")
+    label = params.data.label_column
+    gate_set = build_gate_set(args.splits, params)
+    scorer = Scorer.from_files(args.preprocessor, args.model, args.detector)
+    challenger = evaluate(scorer.predict, gate_set)
+    log.info("challenger on the pinned test rows: %s", challenger.metrics)
+
+    tracking = setup_tracking(params.base.mlflow)
+    run_id = read_json(args.run)["run_id"]
+    train_rows = read_table(args.splits / "target_train.parquet").drop(columns=label)
+    info = log_packaged_model(
+        tracking,
+        run_id,
+        args.preprocessor,
+        args.model,
+        args.detector,
+        example=gate_set.rows.head(5),
+        reference=train_rows,
+    )
+    lineage = run_tags(params) | dvc_hashes(args.lock)
+    set_tags(tracking, run_id, lineage)
+    name = params.model.name
+    version = register_candidate(
+        tracking,
+        name,
+        info.model_uri,
+        run_id,
+        info.model_id,
+        lineage,
+        params.promotion.lock_timeout_s,
+    )
+    decision = promote_if_better(
+        tracking, name, version, gate_set, params.promotion, params.base.seed, challenger
+    )
+    champion = alias_version(tracking.client, name)
+    with atomic_outputs(args.out, args.metrics) as (out, metrics):
+        write_json(
+            {
+                "name": name,
+                "version": version,
+                "run_id": run_id,
+                "model_uri": f"models:/{name}/{version}",
+                "logged_model_uri": info.model_uri,
+                "promoted": decision.promote,
+                "decision": "promoted" if decision.promote else "rejected",
+                "reason": decision.reason,
+                "champion": champion,
+                "test_digest": gate_set.digest,
+            },
+            out,
+        )
+        write_json(decision.metrics(), metrics)
+    log.info(
+        "registered %s version %s (challenger); %s: %s",
+        name,
+        version,
+        "promoted to champion" if decision.promote else "not promoted",
+        decision.reason,
+    )
+
+
+def build_gate_set(splits: Path, params: Params) -> GateSet:
+    """The pinned rows of the gate: target test rows, then the test anomalies of the anomaly stage.
+
+    Anomalies are the source task's test rows and seeded corruptions of the target test rows, the
+    same held-out anomalies the anomaly stage reports on.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from trackflow.anomaly import anomaly_sets
+    from trackflow.data import table_digest
+    from trackflow.gate import GateSet
+    from trackflow.io import read_json, read_table
+
+    label = params.data.label_column
+    names = read_json(splits / "summary.json")["parts"]
+    raw = {name: read_table(splits / f"{name}.parquet") for name in names}
+    sets = anomaly_sets(raw, label, params.anomaly, params.base.seed)
+    anomalies = list(sets.test_anomalies.values())
+    rows = pd.concat([sets.test, *anomalies], ignore_index=True)
+    anomalous = np.r_[np.zeros(len(sets.test), bool), np.ones(len(rows) - len(sets.test), bool)]
+    labels = raw["target_test"][label].to_numpy()
+    return GateSet(rows, labels, anomalous, table_digest(rows))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main(__doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
