@@ -180,9 +180,14 @@ def trace(tracking: Tracking, name: str, ref: str) -> dict[str, Any]:
 
 
 def _preprocess_run(tracking: Tracking, run_id: str | None) -> dict[str, Any]:
-    if not run_id:
+    from mlflow.exceptions import MlflowException
+
+    if not run_id or run_id == "None":
         return {"run_id": None}
-    run = tracking.client.get_run(run_id)
+    try:
+        run = tracking.client.get_run(run_id)
+    except MlflowException:
+        return {"run_id": run_id, "params": "run not found in this tracking store"}
     keep = ("preprocess.scaler", "preprocess.pca.n_components", "preprocess.fit_on")
     return {
         "run_id": run_id,

@@ -1,0 +1,209 @@
+"""Registering candidates and promoting them behind the gate, in a real SQLite MLflow registry."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import Candidate
+from trackflow.io import read_json
+from trackflow.promotion import CHALLENGER, CHAMPION, champion_stack, ledger
+from trackflow.stages.register import main as register
+
+LOW_FLOORS = {"promotion.min_accuracy": 0.0, "promotion.min_anomaly_auroc": 0.0}
+
+
+def register_argv(candidate: Candidate, params: Path, out: str = "registered.json") -> list[str]:
+    files = candidate.files
+    argv = ["--params", str(params), "--out", out, "--metrics", "register.json"]
+    for flag in ("splits", "preprocessor", "model", "detector", "run"):
+        argv += [f"--{flag}", str(files[flag])]
+    return [*argv, "--lock", "no-dvc.lock"]
+
+
+@pytest.fixture
+def gate(candidate_store: str, write_params):
+    """Register a candidate under this test's model name; return what the stage wrote."""
+
+    def run(candidate: Candidate, **overrides: object) -> dict:
+        params = write_params({"model.name": candidate_store, **overrides})
+        assert register(register_argv(candidate, params)) == 0
+        return read_json("registered.json")
+
+    return run
+
+
+def aliases(name: str) -> dict[str, str]:
+    return {k: str(v) for k, v in MlflowClient().get_registered_model(name).aliases.items()}
+
+
+def test_first_model_becomes_champion_and_a_worse_one_stays_challenger(
+    candidates, candidate_store, gate
+) -> None:
+    first = gate(candidates["good"])
+    assert first["promoted"] and first["version"] == "1" and first["champion"] == "1"
+    assert first["reason"].startswith("first model passing the floors")
+
+    worse = gate(candidates["weak"], **LOW_FLOORS)
+    assert not worse["promoted"] and worse["champion"] == "1"
+    assert worse["reason"].startswith("not better: accuracy")
+    assert aliases(candidate_store) == {CHAMPION: "1", CHALLENGER: "2"}
+
+    client = MlflowClient()
+    version = client.get_model_version(candidate_store, "2")
+    assert version.tags["trackflow.gate.decision"] == "rejected"
+    assert version.tags["trackflow.gate.reason"] == worse["reason"]
+    assert version.description.startswith("Gate: rejected. not better")
+    run = client.get_run(worse["run_id"])
+    assert run.data.tags["trackflow.gate.reason"] == worse["reason"]
+    assert run.data.metrics["gate/champion/accuracy"] > run.data.metrics["gate/challenger/accuracy"]
+    actions = [(e.action, e.version, e.previous) for e in ledger(client, candidate_store)]
+    assert actions == [
+        ("challenger", "1", None),
+        ("promote", "1", None),
+        ("challenger", "2", None),
+        ("reject", "2", "1"),
+    ]
+
+
+def test_below_the_floor_is_not_promoted_even_without_a_champion(candidates, gate) -> None:
+    result = gate(candidates["good"], **{"promotion.min_accuracy": 0.999})
+    assert not result["promoted"] and result["champion"] is None
+    assert result["reason"].startswith("below the floor: accuracy")
+
+
+def test_a_significantly_better_model_is_promoted_and_rollback_restores_the_old_one(
+    candidates, candidate_store, gate
+) -> None:
+    assert gate(candidates["weak"], **LOW_FLOORS)["promoted"]
+    better = gate(candidates["good"], **LOW_FLOORS)
+    assert better["promoted"] and better["reason"].startswith("better: accuracy")
+    assert "McNemar p=" in better["reason"]
+    assert aliases(candidate_store) == {CHAMPION: "2"}  # the challenger alias moved up with it
+
+    same = gate(candidates["good"], **LOW_FLOORS)  # the same model again: no better
+    assert not same["promoted"] and "delta +0.0000" in same["reason"]
+
+    cli = [sys.executable, "-m", "trackflow.cli", "promote", "--params", "params.yaml"]
+    rolled = subprocess.run(
+        [*cli, "--rollback", "--reason", "bad in prod"], capture_output=True, text=True
+    )
+    assert rolled.returncode == 0, rolled.stderr
+    assert f"{candidate_store}@champion: version 2 -> 1 (rollback)" in rolled.stdout
+    assert aliases(candidate_store)[CHAMPION] == "1"
+    entries = ledger(MlflowClient(), candidate_store)
+    assert entries[-1].action == "rollback" and entries[-1].reason == "bad in prod"
+    assert champion_stack(entries) == ["1"]
+
+    again = subprocess.run([*cli, "--rollback"], capture_output=True, text=True)
+    assert again.returncode != 0 and "no earlier champion than version 1" in again.stderr
+    assert aliases(candidate_store)[CHAMPION] == "1" and len(
+        ledger(MlflowClient(), candidate_store)
+    ) == len(entries)
+
+
+def test_history_and_lineage_commands(candidates, candidate_store, gate) -> None:
+    result = gate(candidates["good"])
+    cli = [sys.executable, "-m", "trackflow.cli"]
+    history = subprocess.run(
+        [*cli, "history", candidate_store, "--params", "params.yaml", "--format", "csv"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert history[0].startswith("seq,time,action,alias,version,previous,run_id,reason")
+    assert [line.split(",")[2] for line in history[1:]] == ["challenger", "promote"]
+
+    shown = subprocess.run(
+        [*cli, "lineage", f"{candidate_store}@champion", "--params", "params.yaml"],
+        capture_output=True,
+        text=True,
+    )
+    assert shown.returncode == 0, shown.stderr
+    lineage = shown.stdout
+    assert f"training run   {result['run_id']}" in lineage
+    assert "dataset      training-" in lineage and "promote (champion)" in lineage
+
+    missing = subprocess.run([*cli, "lineage", "nope@champion"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "registered model 'nope'" in missing.stderr
+
+
+def test_a_candidate_that_does_not_fit_its_data_changes_nothing(
+    candidates, candidate_store, write_params, tmp_path, capsys
+) -> None:
+    params = write_params({"model.name": candidate_store})
+    argv = register_argv(candidates["good"], params)
+    other = tmp_path / "split"  # the raw test rows of another table: other columns
+    other.mkdir()
+    import pandas as pd
+
+    table = pd.DataFrame({"a": [1.0, 2.0], "target": [5, 6]})
+    for part in ("target_train", "target_val", "target_test"):
+        table.to_parquet(other / f"{part}.parquet")
+    (other / "summary.json").write_text(
+        '{"parts": {"target_train": {}, "target_val": {}, "target_test": {}}}'
+    )
+    argv[argv.index("--splits") + 1] = str(other)
+    assert register(argv) == 3
+    assert "missing columns: pixel_0_0" in capsys.readouterr().err
+    assert MlflowClient().search_registered_models(f"name = '{candidate_store}'") == []
+    assert not Path("registered.json").exists()
+
+
+def test_two_promotions_racing_leave_one_champion_and_a_consistent_ledger(
+    candidates, candidate_store, write_params
+) -> None:
+    from trackflow.config import load_params
+    from trackflow.packaging import log_packaged_model
+    from trackflow.promotion import register_candidate
+    from trackflow.tracking import setup_tracking
+
+    params = write_params({"model.name": candidate_store, **LOW_FLOORS})
+    tracking = setup_tracking(load_params(params).base.mlflow)
+    import pandas as pd
+
+    for name in ("weak", "good"):
+        files = candidates[name].files
+        rows = pd.read_parquet(files["splits"] / "target_test.parquet").drop(columns="target")
+        run_id = read_json(files["run"])["run_id"]
+        info = log_packaged_model(
+            tracking,
+            run_id,
+            files["preprocessor"],
+            files["model"],
+            files["detector"],
+            rows.head(3),
+            rows,
+        )
+        register_candidate(tracking, candidate_store, info.model_uri, run_id, info.model_id, {}, 60)
+    splits = str(candidates["good"].files["splits"])
+    cli = [
+        sys.executable,
+        "-m",
+        "trackflow.cli",
+        "promote",
+        "--params",
+        str(params),
+        "--splits",
+        splits,
+    ]
+    racers = [
+        subprocess.Popen(
+            [*cli, "--version", v], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for v in ("1", "2")
+    ]
+    outputs = [p.communicate(timeout=300) for p in racers]
+    assert all(p.returncode == 0 for p in racers), outputs
+
+    entries = ledger(MlflowClient(), candidate_store)
+    assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
+    promotions = [e for e in entries if e.action == "promote"]
+    firsts = [e for e in promotions if e.reason.startswith("first model")]
+    assert len(firsts) == 1  # the second racer saw the first one's champion
+    assert champion_stack(entries)[-1] == aliases(candidate_store)[CHAMPION] == "2"
+    assert not MlflowClient().search_registered_models(f"name = '{candidate_store}.promotion-lock'")
