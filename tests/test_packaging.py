@@ -1,0 +1,219 @@
+"""The packaged model: raw rows in; labels, probabilities, anomaly scores out, wherever loaded."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from trackflow.inputs import InputError, check_rows
+from trackflow.io import read_json
+from trackflow.packaging import Scorer
+
+ROWS = 6
+
+
+@pytest.fixture(scope="module")
+def champion(candidates, tmp_path_factory) -> dict:
+    """The ``good`` candidate logged, registered and aliased champion in the candidates' store."""
+    from tests.conftest import candidate_store_uri
+    from trackflow.config import MlflowConfig
+    from trackflow.packaging import log_packaged_model
+    from trackflow.promotion import register_candidate
+    from trackflow.tracking import setup_tracking
+
+    files = candidates["good"].files
+    uri = candidate_store_uri(candidates["good"].folder.parent)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        tracking = setup_tracking(MlflowConfig())
+    raw = pd.read_parquet(files["splits"] / "target_test.parquet").drop(columns="target")
+    run_id = read_json(files["run"])["run_id"]
+    info = log_packaged_model(
+        tracking, run_id, files["preprocessor"], files["model"], files["detector"], raw.head(3), raw
+    )
+    name = "packaged"
+    version = register_candidate(tracking, name, info.model_uri, run_id, info.model_id, {}, 60)
+    tracking.client.set_registered_model_alias(name, "champion", version)
+    scorer = Scorer.from_files(files["preprocessor"], files["model"], files["detector"])
+    return {
+        "uri": uri,
+        "model": f"models:/{name}@champion",
+        "rows": raw,
+        "scorer": scorer,
+        "info": info,
+    }
+
+
+def test_signature_and_input_example(champion) -> None:
+    info = champion["info"]
+    inputs = info.signature.inputs.input_names()
+    assert inputs == list(champion["rows"].columns)
+    outputs = info.signature.outputs.input_names()
+    assert outputs == [
+        "label",
+        *(f"proba_{c}" for c in (5, 6, 7, 8, 9)),
+        "anomaly_score",
+        "is_anomaly",
+    ]
+    assert info.saved_input_example_info is not None
+
+
+def test_the_champion_loads_and_scores_in_a_fresh_process(champion, tmp_path) -> None:
+    rows = champion["rows"].head(ROWS)
+    rows.to_parquet(tmp_path / "rows.parquet")
+    code = (
+        "import sys, mlflow, pandas as pd; "
+        f"model = mlflow.pyfunc.load_model({champion['model']!r}); "
+        "print(model.predict(pd.read_parquet(sys.argv[1])).to_json(orient='split'))"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": champion["uri"]}
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "rows.parquet")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    fresh = pd.read_json(io.StringIO(result.stdout.strip().splitlines()[-1]), orient="split")
+    local = champion["scorer"].predict(rows)
+    assert fresh["label"].tolist() == local["label"].tolist()
+    np.testing.assert_allclose(fresh["proba_5"], local["proba_5"], rtol=1e-6)
+    np.testing.assert_allclose(fresh["anomaly_score"], local["anomaly_score"], rtol=1e-6)
+    proba = local.filter(like="proba_")
+    np.testing.assert_allclose(proba.sum(axis=1), 1, rtol=1e-5)
+    assert (
+        local["label"].tolist()
+        == proba.columns.str.removeprefix("proba_")
+        .astype(int)[proba.to_numpy().argmax(axis=1)]
+        .tolist()
+    )
+
+
+def test_anomalies_score_higher_than_healthy_rows(champion) -> None:
+    rows = champion["rows"]
+    healthy = champion["scorer"].predict(rows)
+    inverted = champion["scorer"].predict(rows.max() - rows)
+    assert inverted["anomaly_score"].median() > healthy["anomaly_score"].median()
+    assert inverted["is_anomaly"].mean() > 0.5 > healthy["is_anomaly"].mean()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda f: f.drop(columns=["pixel_0_1"]), "missing columns: pixel_0_1"),
+        (lambda f: f.assign(extra=1.0), "unexpected columns: extra"),
+        (lambda f: f.assign(pixel_0_1="dark"), "non-numeric columns: pixel_0_1 (str)"),
+        (lambda f: f.assign(pixel_0_1=np.nan), "NaN or infinite values at row"),
+        (lambda f: f.assign(pixel_0_1=np.inf), "NaN or infinite values at row"),
+        (lambda f: f.iloc[:0], "no rows to score"),
+    ],
+)
+def test_bad_tables_get_a_clear_error(champion, change, message) -> None:
+    with pytest.raises(InputError) as error:
+        champion["scorer"].predict(change(champion["rows"].head(3)))
+    assert message in str(error.value)
+
+
+def test_columns_in_another_order_and_integer_values_are_fine(champion) -> None:
+    rows = champion["rows"].head(3)
+    shuffled = rows[rows.columns[::-1]].astype(int)
+    pd.testing.assert_frame_equal(
+        check_rows(shuffled, list(rows.columns)), rows.astype(int).astype(float)
+    )
+
+
+def test_the_pyfunc_refuses_bad_tables_with_the_same_message(champion, monkeypatch) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from trackflow.config import MlflowConfig
+    from trackflow.tracking import fluent_tracking, setup_tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", champion["uri"])
+    with fluent_tracking(setup_tracking(MlflowConfig())):
+        model = mlflow.pyfunc.load_model(champion["model"])
+    rows = champion["rows"].head(2)
+    for bad, message in (
+        (rows.assign(pixel_0_1=np.nan), "NaN or infinite"),
+        (rows.iloc[:0], "no rows"),
+    ):
+        with pytest.raises(MlflowException, match=message):
+            model.predict(bad)
+    with pytest.raises(MlflowException, match="pixel_0_1"):  # MLflow's own schema check
+        model.predict(rows.drop(columns=["pixel_0_1"]))
+    assert set(model.unwrap_python_model().profile["features"]) == set(rows.columns)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_invocations(champion, tmp_path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": champion["uri"],
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    command = ["mlflow", "models", "serve", "-m", champion["model"], "--env-manager", "local"]
+    server = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                urllib.request.urlopen(f"{base}/ping", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow models serve did not start"
+                time.sleep(0.5)
+        rows = champion["rows"].head(ROWS)
+        status, body = post(
+            f"{base}/invocations", {"dataframe_split": rows.to_dict(orient="split")}
+        )
+        assert status == 200, body
+        served = pd.DataFrame(body["predictions"])
+        local = champion["scorer"].predict(rows)
+        assert served["label"].tolist() == local["label"].tolist()
+        np.testing.assert_allclose(served["anomaly_score"], local["anomaly_score"], rtol=1e-6)
+        bad = rows.assign(pixel_0_1=None).to_dict(orient="split")
+        status, body = post(f"{base}/invocations", {"dataframe_split": bad})
+        assert status == 400 and "NaN or infinite values" in body["message"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
