@@ -1,0 +1,125 @@
+"""What a training flow run produced, read from the pipeline's outputs, and its markdown report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# Outputs named in dvc.yaml that the report reads (a missing one is simply not reported).
+TRAIN_RUN = "models/train_run.json"
+EVALUATE_METRICS = "metrics/evaluate.json"
+ANOMALY_METRICS = "metrics/anomaly.json"
+REGISTERED = "models/registered.json"
+REGISTER_METRICS = "metrics/register.json"
+
+
+def _read(root: Path, name: str) -> dict[str, Any] | None:
+    path = root / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def pipeline_results(root: Path) -> dict[str, Any]:
+    """The key results the pipeline's outputs hold now: run, metrics, registration.
+
+    Returns:
+        ``{"mlflow_run_id", "experiment_id", "metrics": {...}, "registered": {...} | None}``;
+        metrics are ``test/accuracy``, ``test/macro_f1``, ``anomaly/<detector>/auroc`` (all
+        held-out anomalies) and the register stage's gate numbers under ``register/``.
+    """
+    run = _read(root, TRAIN_RUN) or {}
+    metrics: dict[str, float] = {}
+    if evaluation := _read(root, EVALUATE_METRICS):
+        test = evaluation.get("test", {})
+        metrics |= {f"test/{k}": test[k] for k in ("accuracy", "macro_f1") if k in test}
+    if anomaly := _read(root, ANOMALY_METRICS):
+        metrics |= {
+            f"anomaly/{name}/auroc": result["all"]["auroc"]
+            for name, result in anomaly.items()
+            if isinstance(result, dict) and "auroc" in result.get("all", {})
+        }
+    if gate := _read(root, REGISTER_METRICS):
+        metrics |= {f"register/{k}": v for k, v in _flat(gate).items()}
+    return {
+        "mlflow_run_id": run.get("run_id"),
+        "experiment_id": run.get("experiment_id"),
+        "metrics": metrics,
+        "registered": _read(root, REGISTERED),
+    }
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}/")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    """The flow run's report: stages, key metrics, promotion decision, MLflow run and version."""
+    lines = [f"# trackflow training: {summary['state']}", ""]
+    if summary.get("overrides"):
+        lines += ["Overrides: " + ", ".join(f"`{k}={v}`" for k, v in summary["overrides"].items())]
+        lines.append("")
+    lines += [
+        "| stage | result | why | step s | command s | attempts |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage in summary["stages"]:
+        why = stage["reason"].replace("|", "/")
+        lines.append(
+            f"| {stage['stage']} | {stage['status']} | {why} | {stage['seconds']:.1f} | "
+            f"{stage['command_seconds']:.1f} | {stage['attempts']} |"
+        )
+    lines += ["", f"Flow wall time: {summary['seconds']:.1f} s", "", "## Metrics", ""]
+    metrics = summary["metrics"]
+    lines += [f"- `{k}`: {v:.4g}" for k, v in metrics.items()] or ["- none yet"]
+    lines += ["", "## Model", ""]
+    if run := summary.get("mlflow_run_id"):
+        lines.append(f"- MLflow run: `{run}` (experiment {summary.get('experiment_id')})")
+    lines += _registration_lines(summary)
+    return "\n".join(lines) + "\n"
+
+
+def _registration_lines(summary: dict[str, Any]) -> list[str]:
+    registered = summary.get("registered")
+    if not registered:
+        return ["- Registered version: none (no register stage output)"]
+    produced = "this run" if summary.get("registered_by_this_run") else "an earlier run"
+    decision = "promoted to champion" if registered.get("promoted") else "not promoted"
+    return [
+        f"- Registered: `{registered.get('name')}` version {registered.get('version')} "
+        f"(`{registered.get('model_uri')}`), registered by {produced}",
+        f"- Promotion: **{decision}**: {registered.get('decision')}, {registered.get('reason')}",
+        f"- Champion now: version {registered.get('champion')}",
+    ]
+
+
+def render_batch_markdown(summary: dict[str, Any]) -> str:
+    """A scored batch's report: counts, anomaly rate, drift flag, the most shifted features."""
+    counts, drift = summary["counts"], summary["drift"]
+    verdict = "**DRIFT DETECTED**" if drift["detected"] else "no drift"
+    lines = [
+        f"# trackflow batch scoring: {counts['n_rows']} rows",
+        "",
+        f"- Model: `{summary['model_uri']}` (version {summary['model_version']})",
+        f"- Anomalies: {counts['n_anomalies']} ({counts['anomaly_rate']:.1%})",
+        "- Predicted labels: " + ", ".join(f"{k}: {v}" for k, v in counts["labels"].items()),
+        f"- Drift: {verdict}: {len(drift['drifted_features'])} of {drift['n_features']} "
+        f"features above PSI {drift['psi_threshold']} (share {drift['share_drifted']:.2f}; the "
+        f"batch is flagged at {drift['drift_share']})",
+        f"- Outputs: {', '.join(f'`{p}`' for p in summary['outputs'])}",
+        f"- MLflow run: `{summary['mlflow_run_id']}`",
+        "",
+        "| feature | PSI | KS | training mean | batch mean |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {f['feature']} | {f['psi']:.3f} | {f['ks']:.3f} | {f['train_mean']:.3g} | "
+        f"{f['batch_mean']:.3g} |"
+        for f in summary["top_features"]
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,146 @@
+"""The batch scoring flow: a table of new rows scored by the champion, with a drift report.
+
+    python -m flows.scoring data/new_rows.csv            # models:/<model.name>@champion
+    python -m flows.scoring batch.parquet --model models:/trackflow/3 --psi-threshold 0.25
+
+Loading the model and recording the MLflow run are retried on transient faults (a locked SQLite
+store, an unreachable server); a bad batch fails at once, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from flows.common import backoff, retry_if_transient, tracking_config
+from flows.report import render_batch_markdown
+from trackflow.batch import (
+    BatchResult,
+    ChampionModel,
+    load_model,
+    log_batch_run,
+    read_batch,
+    score_batch,
+    write_batch_outputs,
+)
+from trackflow.config import MlflowConfig, load_params
+from trackflow.errors import TrackflowError
+from trackflow.tracking import TAG_PREFIX, setup_tracking
+
+ARTIFACT_KEY = "trackflow-batch-scoring"
+RETRYING = {
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
+    "retries": 3,
+    "retry_delay_seconds": backoff(3, 5.0),
+    "retry_condition_fn": retry_if_transient,
+}
+
+
+@task(**RETRYING)
+def load(config: MlflowConfig, uri: str) -> ChampionModel:
+    """Load the model to score with (its alias resolved to a version)."""
+    return load_model(setup_tracking(config), uri)
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def score(batch: Path, model: ChampionModel, psi_threshold: float, drift_share: float) -> Any:
+    """Check, score and compare the batch; write both outputs or none."""
+    result = score_batch(read_batch(batch), model, psi_threshold, drift_share)
+    return result, write_batch_outputs(result, batch)
+
+
+@task(**RETRYING)
+def record(
+    config: MlflowConfig,
+    result: BatchResult,
+    model: ChampionModel,
+    batch: Path,
+    outputs: tuple[Path, Path],
+) -> str:
+    """Record the scored batch as an MLflow run tagged with this flow run's id."""
+    tags = {TAG_PREFIX + "prefect_flow_run_id": str(flow_run.id)}
+    return log_batch_run(setup_tracking(config), result, model, batch, outputs, tags)
+
+
+@flow(name="trackflow-batch-scoring")
+def batch_scoring_flow(
+    batch: str,
+    model_uri: str | None = None,
+    params: str = "params.yaml",
+    psi_threshold: float = 0.2,
+    drift_share: float = 0.3,
+) -> dict[str, Any]:
+    """Score a CSV/Parquet batch; write predictions and a drift report next to it.
+
+    Args:
+        batch: Table of new rows with the model's raw feature columns (others pass through).
+        model_uri: Model to score with; default ``models:/<model.name>@champion``.
+        params: Params file: the model name and the MLflow store (relative paths in it are
+            relative to its folder).
+        psi_threshold: A feature drifted when its PSI against the training profile is above this.
+        drift_share: The batch drifted when at least this share of features drifted.
+
+    Returns:
+        Counts, anomaly rate, drift summary, output paths and the MLflow run id; also published
+        as the markdown artifact ``trackflow-batch-scoring``.
+    """
+    path = Path(batch).resolve()
+    params_path = Path(params).resolve()
+    validated = load_params(params_path)
+    read_batch(path)  # a missing or unreadable file fails before the model loads
+    config = tracking_config(params_path.parent, validated)
+    model = load(config, model_uri or f"models:/{validated.model.name}@champion")
+    result, outputs = score(path, model, psi_threshold, drift_share)
+    run_id = record(config, result, model, path, outputs)
+    drift = result.drift
+    summary = {
+        "model_uri": model.uri,
+        "model_version": model.version,
+        "counts": result.counts,
+        "drift": {key: value for key, value in drift.to_dict().items() if key != "features"},
+        "top_features": [
+            {"feature": name, **vars(feature)}
+            for name, feature in sorted(drift.features.items(), key=lambda item: -item[1].psi)[:10]
+        ],
+        "outputs": [str(p) for p in outputs],
+        "mlflow_run_id": run_id,
+    }
+    create_markdown_artifact(
+        key=ARTIFACT_KEY,
+        markdown=render_batch_markdown(summary),
+        description="Counts, anomaly rate and drift of a scored batch",
+    )
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m flows.scoring``: score one batch and print the summary."""
+    parser = argparse.ArgumentParser(prog="python -m flows.scoring", description=__doc__)
+    parser.add_argument("batch", help="table of new rows (.csv or .parquet)")
+    parser.add_argument("--model", help="model URI (default: models:/<model.name>@champion)")
+    parser.add_argument("--params", default="params.yaml", help="params file")
+    parser.add_argument("--psi-threshold", type=float, default=0.2)
+    parser.add_argument("--drift-share", type=float, default=0.3)
+    args = parser.parse_args(argv)
+    try:
+        summary = batch_scoring_flow(
+            args.batch, args.model, args.params, args.psi_threshold, args.drift_share
+        )
+    except TrackflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(render_batch_markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

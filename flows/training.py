@@ -1,0 +1,228 @@
+"""The training flow: the DVC pipeline's stages as Prefect tasks, in the order ``dvc repro`` uses.
+
+    python -m flows.training                                   # params.yaml as it is
+    python -m flows.training --set train.mode=feature_extraction --set train.lr=0.001
+    python -m flows.training --until evaluate                  # that stage and what it needs
+
+Each task asks DVC whether its stage is stale and, if so, reproduces it with
+``dvc repro --single-item``; nothing is cached on Prefect's side. Transient failures (a locked
+SQLite store, an unreachable tracking server) are retried with exponential backoff, deterministic
+ones (bad params, bad data, a crash) are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run, task_run
+
+from flows.common import backoff, parse_overrides, retry_if_transient, tracking_config
+from flows.dvc_stages import (
+    StageFailed,
+    StageOutcome,
+    applied_params,
+    exclusive_repo,
+    reproduce_stage,
+    stage_env,
+    stage_order,
+    stage_status,
+)
+from flows.report import pipeline_results, render_markdown
+from trackflow.config import MlflowConfig, Params, load_params
+from trackflow.errors import TrackflowError
+
+ARTIFACT_KEY = "trackflow-training"
+DEPLOYMENT_NAME = "trackflow-training"
+DEFAULT_CRON = "0 3 * * *"  # also in prefect.yaml
+
+
+@task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_if_transient)
+def reproduce(root: Path, stage: str, flow_run_id: str | None) -> StageOutcome:
+    """Reproduce one stage through DVC if DVC finds it stale; say what happened and why."""
+    logger = get_run_logger()
+    start = time.perf_counter()
+    attempt = task_run.run_count
+    reason = stage_status(root, stage)
+    if reason is None:
+        seconds = time.perf_counter() - start
+        return StageOutcome(stage, "skipped", "up to date", seconds, attempts=attempt)
+    logger.info("%s is stale: %s", stage, reason)
+    try:
+        outcome = reproduce_stage(root, stage, reason, stage_env(flow_run_id), logger.info)
+    except StageFailed as failure:
+        failure.attempts = attempt
+        action = "retrying" if failure.transient else "not retrying"
+        logger.error("%s failed, %s (%s failure, attempt %d)", stage, action, failure.kind, attempt)
+        raise
+    return replace(outcome, seconds=time.perf_counter() - start, attempts=attempt)
+
+
+@task(
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=3,
+    retry_delay_seconds=backoff(3, 2.0),
+    retry_condition_fn=retry_if_transient,
+)
+def tag_candidate(config: MlflowConfig, run_id: str, tags: dict[str, str], failed: bool) -> None:
+    """Tag the candidate's MLflow run; mark it FAILED when a later stage failed."""
+    from trackflow.tracking import set_tags, setup_tracking
+
+    tracking = setup_tracking(config)
+    set_tags(tracking, run_id, tags)
+    if failed:
+        tracking.client.set_terminated(run_id, status="FAILED")
+
+
+@flow(name="trackflow-training")
+def training_flow(
+    params: str = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    repo: str = ".",
+    until: str | None = None,
+    retries: int = 3,
+    retry_delay_s: float = 10.0,
+) -> dict[str, Any]:
+    """Run the DVC pipeline stage by stage; publish a report of what ran and what it produced.
+
+    Args:
+        params: Params file the run uses (relative to ``repo``); the default is the pipeline's.
+        overrides: Dotted keys to values on top of it, e.g. ``{"train.mode": "scratch"}``.
+        repo: The DVC repository.
+        until: Last stage to reproduce (with what it needs); default: the whole pipeline.
+        retries: Retries of a stage after a transient failure.
+        retry_delay_s: Delay before the first retry; it doubles for each next one.
+
+    Returns:
+        The run's summary: stages (status, reason, seconds, attempts), metrics, MLflow run id,
+        registration; also published as the markdown artifact ``trackflow-training``.
+    """
+    start = time.perf_counter()
+    root = Path(repo).resolve()
+    params_path = root / params
+    overrides = dict(overrides or {})
+    validated = load_params(params_path, overrides)  # bad keys fail here, before any stage
+    run_id = str(flow_run.id) if flow_run.id else None
+    stages = stage_order(root, until)
+    step = reproduce.with_options(
+        retries=retries, retry_delay_seconds=backoff(retries, retry_delay_s)
+    )
+    outcomes: list[StageOutcome] = []
+    with exclusive_repo(root):
+        try:
+            with applied_params(root, params_path, overrides):
+                for name in stages:
+                    outcomes.append(step.with_options(task_run_name=name)(root, name, run_id))
+        except StageFailed as failure:
+            reason = f"{failure.kind}: {failure.detail}"
+            outcomes.append(
+                StageOutcome(failure.stage, "failed", reason, failure.seconds, 0, failure.attempts)
+            )
+            try:
+                _finish(root, validated, outcomes, overrides, run_id, start, failed=True)
+            except Exception as error:  # the stage's failure is the one to report
+                get_run_logger().error("could not report the failed run: %s", error)
+            raise
+    return _finish(root, validated, outcomes, overrides, run_id, start, failed=False)
+
+
+def _finish(
+    root: Path,
+    params: Params,
+    outcomes: list[StageOutcome],
+    overrides: dict[str, Any],
+    flow_run_id: str | None,
+    start: float,
+    failed: bool,
+) -> dict[str, Any]:
+    """Tag (or fail) this run's candidate, publish the report artifact, return the summary."""
+    status = {outcome.stage: outcome.status for outcome in outcomes}
+    results = pipeline_results(root)
+    if status.get("train") == "ran" and results["mlflow_run_id"]:
+        tags = {"trackflow.prefect_flow_run_id": str(flow_run_id)}
+        tags["trackflow.overrides"] = json.dumps(overrides, sort_keys=True)
+        if failed:
+            tags["trackflow.failed_stage"] = outcomes[-1].stage
+        tag_candidate(tracking_config(root, params), results["mlflow_run_id"], tags, failed)
+    summary = {
+        "state": "failed" if failed else "completed",
+        "flow_run_id": flow_run_id,
+        "overrides": overrides,
+        "stages": [outcome.to_dict() for outcome in outcomes],
+        "seconds": time.perf_counter() - start,
+        "registered_by_this_run": status.get("register") == "ran",
+    } | results
+    create_markdown_artifact(
+        key=ARTIFACT_KEY,
+        markdown=render_markdown(summary),
+        description="Stages run/skipped, metrics, promotion decision, MLflow run and version",
+    )
+    return summary
+
+
+def serve(
+    repo: str,
+    cron: str = DEFAULT_CRON,
+    name: str = DEPLOYMENT_NAME,
+    parameters: dict[str, Any] | None = None,
+) -> None:
+    """Create the deployment ``trackflow-training/<name>`` on a cron schedule and run its runs.
+
+    Blocks until stopped (Ctrl-C pauses the schedule). Flow runs start in subprocesses that
+    import ``flows.training`` by module path, so the working folder must hold ``flows/``.
+    """
+    from prefect.types.entrypoint import EntrypointType
+
+    training_flow.serve(
+        name=name,
+        cron=cron,
+        parameters={"repo": str(Path(repo).resolve())} | (parameters or {}),
+        description="The trackflow DVC pipeline, stage by stage (flows/training.py).",
+        tags=["trackflow"],
+        limit=1,  # one run at a time: two would share the repository's params.yaml and dvc lock
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m flows.training``: run the flow once and print what each stage did."""
+    parser = argparse.ArgumentParser(prog="python -m flows.training", description=__doc__)
+    parser.add_argument("--repo", default=".", help="DVC repository (default: %(default)s)")
+    parser.add_argument("--params", default="params.yaml", help="params file, in the repo")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="params overrides (YAML values)"
+    )
+    parser.add_argument("--until", help="last stage to reproduce (default: all)")
+    parser.add_argument("--retries", type=int, default=3, help="retries of a transient failure")
+    parser.add_argument("--retry-delay", type=float, default=10.0, help="first retry delay, s")
+    args = parser.parse_args(argv)
+    try:
+        summary = training_flow(
+            params=args.params,
+            overrides=parse_overrides(args.set),
+            repo=args.repo,
+            until=args.until,
+            retries=args.retries,
+            retry_delay_s=args.retry_delay,
+        )
+    except TrackflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    for step in summary["stages"]:
+        print(f"{step['stage']:<11} {step['status']:<8} {step['seconds']:6.1f} s  {step['reason']}")
+    print(f"flow {summary['seconds']:.1f} s; metrics: {json.dumps(summary['metrics'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Batch scoring: a CSV or Parquet table of new rows in, predictions and a drift report out.
+
+For ``new.csv`` (or ``new.parquet``) the outputs go next to it, written all together or not at all:
+
+- ``new.scored.csv``: the input rows, every input column kept (ids pass through), plus the packaged
+  model's ``label``, ``proba_<class>``, ``anomaly_score`` and ``is_anomaly``;
+- ``new.drift.json``: the batch against the model's training profile
+  (:func:`trackflow.drift.compare_to_profile`) and the batch's counts.
+
+A table the model cannot score (missing feature columns, non-numeric or non-finite values, no rows,
+not a table) is refused with an :class:`~trackflow.inputs.InputError` before anything is written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from trackflow.drift import DriftReport, compare_to_profile
+from trackflow.errors import ConfigError
+from trackflow.inputs import InputError, check_rows
+from trackflow.io import atomic_outputs, write_json
+
+if TYPE_CHECKING:
+    from trackflow.packaging import Scorer
+    from trackflow.tracking import Tracking
+
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+_ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
+
+
+@dataclass(frozen=True)
+class ChampionModel:
+    """A registered model loaded for scoring.
+
+    Attributes:
+        scorer: The packaged model's :class:`~trackflow.packaging.Scorer`.
+        profile: The training rows' profile (:func:`trackflow.drift.build_profile`).
+        uri: The URI asked for, e.g. ``models:/trackflow@champion``.
+        version: The registered version it resolved to (``None`` for a URI without one).
+    """
+
+    scorer: Scorer
+    profile: dict[str, Any]
+    uri: str
+    version: str | None
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """A scored batch: the rows with their scores, the drift report and the counts."""
+
+    scored: pd.DataFrame
+    drift: DriftReport
+    counts: dict[str, Any]
+
+    def report(self) -> dict[str, Any]:
+        """What ``<name>.drift.json`` holds: counts, then the drift report."""
+        return {"counts": self.counts, "drift": self.drift.to_dict()}
+
+
+def output_paths(batch: str | Path) -> tuple[Path, Path]:
+    """Outputs of scoring ``batch``, beside it: ``<stem>.scored<suffix>``, ``<stem>.drift.json``."""
+    batch = Path(batch)
+    scored = batch.with_name(f"{batch.stem}.scored{batch.suffix}")
+    return scored, batch.with_name(f"{batch.stem}.drift.json")
+
+
+def read_batch(path: str | Path) -> pd.DataFrame:
+    """Read a CSV or Parquet table of rows to score.
+
+    Raises:
+        InputError: The file is missing, has another suffix, is empty or cannot be parsed.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise InputError(f"cannot read {str(path)!r}: use a .csv or .parquet file")
+    if not path.is_file():
+        raise InputError(f"batch file {str(path)!r} does not exist")
+    try:
+        if path.suffix.lower() == ".csv":
+            return pd.read_csv(path)
+        return pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise InputError(f"batch file {str(path)!r} is empty: no header, no rows") from None
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise InputError(f"batch file {str(path)!r} cannot be read as a table: {exc}") from None
+
+
+def score_batch(
+    frame: pd.DataFrame,
+    model: ChampionModel,
+    psi_threshold: float = 0.2,
+    drift_share: float = 0.3,
+) -> BatchResult:
+    """Score a batch and compare it with the model's training profile.
+
+    Args:
+        frame: Rows, shape (n_rows, n_columns): the model's feature columns plus any others
+            (ids, a label), which are passed through to the output unchanged.
+        model: The model to score with.
+        psi_threshold: A feature drifted when its PSI is above this.
+        drift_share: The batch drifted when at least this share of features drifted.
+
+    Raises:
+        InputError: Feature columns are missing, non-numeric or non-finite, there are no rows, or
+            an input column has the name of an output column.
+    """
+    features = [str(c) for c in frame.columns if str(c) in set(model.scorer.columns)]
+    rows = check_rows(frame[features] if features else frame, model.scorer.columns)
+    scores = model.scorer.score(rows)
+    clash = sorted(set(map(str, frame.columns)) & set(scores.columns))
+    if clash:
+        raise InputError(
+            f"input columns {clash} have the names of output columns; rename them to score "
+            "this batch"
+        )
+    drift = compare_to_profile(model.profile, rows, psi_threshold, drift_share)
+    counts = {
+        "n_rows": len(scores),
+        "n_anomalies": int(scores["is_anomaly"].sum()),
+        "anomaly_rate": float(scores["is_anomaly"].mean()),
+        "labels": {str(k): int(v) for k, v in scores["label"].value_counts().sort_index().items()},
+    }
+    scored = frame.copy()
+    for column in scores.columns:  # positional: the index may repeat row ids
+        scored[column] = scores[column].to_numpy()
+    return BatchResult(scored, drift, counts)
+
+
+def write_batch_outputs(result: BatchResult, batch: str | Path) -> tuple[Path, Path]:
+    """Write the scored rows and the drift report next to ``batch``, both or neither.
+
+    Returns:
+        The scored table's path and the report's path.
+    """
+    scored_path, report_path = output_paths(batch)
+    with atomic_outputs(scored_path, report_path) as (scored_tmp, report_tmp):
+        scored = result.scored
+        if scored_path.suffix.lower() == ".csv":  # a read CSV has a plain range index: not kept
+            scored.to_csv(scored_tmp, index=not isinstance(scored.index, pd.RangeIndex))
+        else:
+            scored.to_parquet(scored_tmp)
+        write_json(result.report(), report_tmp)
+    return scored_path, report_path
+
+
+def load_model(tracking: Tracking, uri: str) -> ChampionModel:
+    """Load a packaged model by URI; an alias is resolved to its version first.
+
+    Resolving first means the version logged with the scores is the one that scored, even if the
+    alias moves meanwhile.
+
+    Raises:
+        ConfigError: The URI names nothing in the registry, or not a trackflow packaged model.
+    """
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    from trackflow.tracking import fluent_tracking
+
+    version, load_uri = None, uri
+    try:
+        if match := _ALIAS_URI.match(uri):
+            found = tracking.client.get_model_version_by_alias(match["name"], match["alias"])
+            version, load_uri = str(found.version), f"models:/{match['name']}/{found.version}"
+        with fluent_tracking(tracking):
+            wrapped = mlflow.pyfunc.load_model(load_uri).unwrap_python_model()
+    except MlflowException as exc:
+        raise ConfigError(f"cannot load model {uri!r}: {exc.message}") from None
+    if not hasattr(wrapped, "scorer") or not hasattr(wrapped, "profile"):
+        raise ConfigError(f"model {uri!r} is not a trackflow packaged model (no scorer/profile)")
+    return ChampionModel(wrapped.scorer, wrapped.profile, uri, version)
+
+
+def log_batch_run(
+    tracking: Tracking,
+    result: BatchResult,
+    model: ChampionModel,
+    batch: str | Path,
+    outputs: tuple[Path, Path],
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Record a scored batch as an MLflow run: counts, anomaly rate, drift; the report attached.
+
+    Returns:
+        The run's id.
+    """
+    from trackflow.tracking import TAG_PREFIX, log_metrics, tracked_run
+
+    counts, drift = result.counts, result.drift
+    run_tags = {
+        TAG_PREFIX + "stage": "batch_score",
+        TAG_PREFIX + "model_uri": model.uri,
+        TAG_PREFIX + "model_version": str(model.version),
+        TAG_PREFIX + "batch": str(Path(batch).absolute()),
+        TAG_PREFIX + "scored": str(outputs[0].absolute()),
+        TAG_PREFIX + "drift_detected": str(drift.detected).lower(),
+    } | (tags or {})
+    metrics = {
+        "batch/n_rows": counts["n_rows"],
+        "batch/n_anomalies": counts["n_anomalies"],
+        "batch/anomaly_rate": counts["anomaly_rate"],
+        "drift/detected": float(drift.detected),
+        "drift/share_drifted": drift.share,
+        "drift/max_psi": max(f.psi for f in drift.features.values()),
+    }
+    metrics |= {f"batch/label_count/{_key(k)}": v for k, v in counts["labels"].items()}
+    metrics |= {f"drift/psi/{_key(name)}": f.psi for name, f in drift.features.items()}
+    with tracked_run(tracking, "batch_score", run_tags) as run_id:
+        log_metrics(tracking, run_id, metrics)
+        tracking.client.log_artifact(run_id, str(outputs[1]), "batch")
+    return run_id
+
+
+def _key(name: str) -> str:
+    """A column name as part of an MLflow metric key (letters, digits, ``_-. /`` only)."""
+    return re.sub(r"[^\w\-. /]", "_", name)

@@ -1,0 +1,59 @@
+"""Score a CSV/Parquet batch with a registered model: predictions, anomaly flags, drift report.
+
+Writes ``<batch>.scored.<csv|parquet>`` (the input rows plus ``label``, ``proba_<class>``,
+``anomaly_score``, ``is_anomaly``) and ``<batch>.drift.json`` next to the batch, both or neither,
+and records counts, the anomaly rate and drift as an MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from trackflow.stages import add_params_argument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("batch", type=Path, help="table of new rows (.csv or .parquet)")
+    add_params_argument(parser)
+    parser.add_argument("--model", help="model URI (default: models:/<params model.name>@champion)")
+    parser.add_argument(
+        "--psi-threshold", type=float, default=0.2, help="a feature drifted above this PSI"
+    )
+    parser.add_argument(
+        "--drift-share",
+        type=float,
+        default=0.3,
+        help="the batch drifted when this share of features did (default: %(default)s)",
+    )
+    parser.add_argument("--no-log", action="store_true", help="do not record an MLflow run")
+
+
+def run(args: argparse.Namespace) -> None:
+    from trackflow.batch import (
+        load_model,
+        log_batch_run,
+        read_batch,
+        score_batch,
+        write_batch_outputs,
+    )
+    from trackflow.config import load_params
+    from trackflow.tracking import setup_tracking
+
+    params = load_params(args.params)
+    frame = read_batch(args.batch)  # a bad file fails before the model loads
+    tracking = setup_tracking(params.base.mlflow)
+    model = load_model(tracking, args.model or f"models:/{params.model.name}@champion")
+    result = score_batch(frame, model, args.psi_threshold, args.drift_share)
+    outputs = write_batch_outputs(result, args.batch)
+    counts, drift = result.counts, result.drift
+    print(f"scored {counts['n_rows']} rows with {model.uri} (version {model.version})")
+    print(f"anomalies: {counts['n_anomalies']} ({counts['anomaly_rate']:.1%})")
+    print(
+        f"drift: {'DETECTED' if drift.detected else 'none'} "
+        f"({len(drift.drifted_features)}/{len(drift.features)} features above PSI "
+        f"{drift.psi_threshold}: {', '.join(drift.drifted_features[:5]) or '-'})"
+    )
+    print(f"wrote {outputs[0]} and {outputs[1]}")
+    if not args.no_log:
+        print(f"MLflow run {log_batch_run(tracking, result, model, args.batch, outputs)}")

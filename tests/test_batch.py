@@ -1,0 +1,174 @@
+"""Batch scoring with a registered champion: outputs next to the batch, drift, bad batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import Candidate
+from trackflow.batch import (
+    load_model,
+    output_paths,
+    read_batch,
+    score_batch,
+    write_batch_outputs,
+)
+from trackflow.cli import main as cli
+from trackflow.config import load_params
+from trackflow.errors import ConfigError
+from trackflow.inputs import InputError
+from trackflow.io import read_json, read_table
+from trackflow.packaging import log_packaged_model
+from trackflow.tracking import Tracking, setup_tracking
+
+
+def raw_rows(candidate: Candidate, part: str) -> pd.DataFrame:
+    """The candidate's raw target rows of a split part, with their ``target`` label."""
+    return read_table(candidate.files["splits"] / f"target_{part}.parquet")
+
+
+def register_champion(candidate: Candidate, name: str) -> tuple[Tracking, str]:
+    """Log the candidate as a packaged model, register it as ``name`` and make it champion."""
+    tracking = setup_tracking(load_params(candidate.folder / "params.yaml").base.mlflow)
+    files = candidate.files
+    run_id = read_json(files["run"])["run_id"]
+    features = raw_rows(candidate, "train").drop(columns="target")
+    info = log_packaged_model(
+        tracking, run_id, files["preprocessor"], files["model"], files["detector"],
+        features.head(5), features,
+    )  # fmt: skip
+    client = tracking.client
+    client.create_registered_model(name)
+    version = client.create_model_version(
+        name, source=info.model_uri, run_id=run_id, model_id=info.model_id
+    ).version
+    client.set_registered_model_alias(name, "champion", version)
+    return tracking, str(version)
+
+
+@pytest.fixture
+def champion(candidates: dict[str, Candidate], candidate_store: str) -> tuple[Tracking, str, str]:
+    """The good candidate as ``models:/<name>@champion``: tracking, name, version."""
+    tracking, version = register_champion(candidates["good"], candidate_store)
+    return tracking, candidate_store, version
+
+
+def test_a_good_batch_gets_scores_next_to_it_and_an_mlflow_run(
+    champion, candidates, write_params, tmp_path: Path
+) -> None:
+    tracking, name, version = champion
+    batch = tmp_path / "new rows.csv"
+    rows = raw_rows(candidates["good"], "test")
+    rows.reset_index().to_csv(batch, index=False)  # row_id and target pass through
+
+    argv = [
+        "score",
+        str(batch),
+        "--params",
+        str(write_params()),
+        "--model",
+        f"models:/{name}@champion",
+    ]
+    assert cli(argv) == 0
+
+    scored_path, report_path = output_paths(batch)
+    assert scored_path.name == "new rows.scored.csv" and report_path.name == "new rows.drift.json"
+    scored = pd.read_csv(scored_path)
+    assert list(scored.columns[:2]) == ["row_id", "pixel_0_0"] and len(scored) == len(rows)
+    probabilities = scored.filter(like="proba_")
+    assert list(probabilities.columns) == [f"proba_{c}" for c in (5, 6, 7, 8, 9)]
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    assert (scored["label"] == scored["target"]).mean() > 0.85
+    assert scored["is_anomaly"].dtype == bool and scored["anomaly_score"].notna().all()
+    report = read_json(report_path)
+    assert report["counts"]["n_rows"] == len(rows) and report["counts"]["anomaly_rate"] < 0.2
+    assert not report["drift"]["detected"] and report["drift"]["n_features"] == 64
+
+    (run,) = tracking.client.search_runs(
+        [tracking.experiment_id], f"tags.`trackflow.model_version` = '{version}'"
+    )
+    assert run.data.tags["trackflow.model_uri"] == f"models:/{name}@champion"
+    assert run.data.metrics["batch/n_rows"] == len(rows)
+    assert run.data.metrics["batch/anomaly_rate"] == report["counts"]["anomaly_rate"]
+    assert run.data.metrics["drift/detected"] == 0
+    assert sum(v for k, v in run.data.metrics.items() if "label_count" in k) == len(rows)
+    assert run.info.status == "FINISHED"
+
+
+def test_a_shifted_parquet_batch_is_flagged_and_its_rows_are_anomalies(
+    champion, candidates
+) -> None:
+    tracking, name, version = champion
+    model = load_model(tracking, f"models:/{name}@champion")
+    assert model.version == version
+    rows = raw_rows(candidates["good"], "test").drop(columns="target")
+    inverted = 16 - rows  # the digits' intensities run from 0 to 16
+    result = score_batch(inverted, model)
+    assert result.drift.detected and result.drift.share > 0.5
+    assert result.counts["anomaly_rate"] > 0.9
+    batch = Path("inverted.parquet")
+    inverted.to_parquet(batch)
+    scored_path, report_path = write_batch_outputs(result, batch)
+    assert scored_path.name == "inverted.scored.parquet"
+    assert read_table(scored_path).index.equals(rows.index)  # row ids kept
+    assert read_json(report_path)["drift"]["detected"]
+
+
+def test_bad_batches_fail_with_a_clear_message_and_write_nothing(
+    champion, candidates, write_params, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tracking, name, _ = champion
+    model = load_model(tracking, f"models:/{name}@champion")
+    good = raw_rows(candidates["good"], "test").drop(columns="target").head(20)
+    texts = good.astype(object)
+    texts.iloc[3, 5] = "dark"
+    with_nan = good.copy()
+    with_nan.iloc[2, 1] = np.nan
+    bad = {
+        "missing columns: pixel_0_0, pixel_0_1": good.drop(columns=["pixel_0_0", "pixel_0_1"]),
+        "non-numeric columns: pixel_0_5 ": texts,
+        "no rows to score": good.head(0),
+        "NaN or infinite values at row .* column pixel_0_1": with_nan,
+        "have the names of output columns": good.assign(label=1),
+    }
+    batch = tmp_path / "batch.csv"
+    good.to_csv(batch, index=False)
+    write_batch_outputs(score_batch(good, model), batch)
+    before = {path: path.read_bytes() for path in output_paths(batch)}
+    for message, frame in bad.items():
+        frame.to_csv(batch, index=False)
+        with pytest.raises(InputError, match=message):
+            score_batch(read_batch(batch), model)
+    argv = [
+        "score",
+        str(batch),
+        "--params",
+        str(write_params()),
+        "--model",
+        f"models:/{name}@champion",
+    ]
+    assert cli(argv) == 3  # through the command line: a data error's exit status
+    assert "have the names of output columns" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in output_paths(batch)} == before  # untouched
+
+    batch.write_text("")
+    with pytest.raises(InputError, match="is empty"):
+        read_batch(batch)
+    with pytest.raises(InputError, match="does not exist"):
+        read_batch(tmp_path / "missing.csv")
+    with pytest.raises(InputError, match=r"use a \.csv or \.parquet file"):
+        read_batch(tmp_path / "rows.json")
+    assert sorted(p.name for p in tmp_path.iterdir() if "batch" in p.name) == [
+        "batch.csv",
+        "batch.drift.json",
+        "batch.scored.csv",
+    ]
+
+
+def test_a_model_that_does_not_exist_is_a_config_error(champion) -> None:
+    tracking, name, _ = champion
+    with pytest.raises(ConfigError, match=r"cannot load model 'models:/.*@nope'"):
+        load_model(tracking, f"models:/{name}@nope")
