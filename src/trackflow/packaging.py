@@ -188,9 +188,9 @@ def log_packaged_model(
             artifact_path=None,
             name=MODEL_NAME,
             flavor=mlflow.pyfunc,
-            flavor_name="pyfunc.CustomPythonModel",
+            flavor_name="pyfunc.ModelFromCode",
             run_id=run_id,
-            python_model=PackagedModel(),
+            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
             artifacts={
                 "preprocessor": str(preprocessor),
                 "network": str(network),
