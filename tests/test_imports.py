@@ -29,11 +29,13 @@ def test_ingest_and_split_import_no_heavy_library(write_params, tmp_path) -> Non
     assert json.loads(result.stdout.splitlines()[-1]) == []
 
 
-def test_the_library_imports_without_prefect() -> None:
+def test_the_library_and_the_command_line_import_without_heavy_libraries() -> None:
     code = (
         "import sys, trackflow.cli, trackflow.config, trackflow.data, trackflow.split, "
-        "trackflow.preprocessing, trackflow.tracking, trackflow.io; "
-        "print([m for m in ('prefect', 'torch', 'mlflow') if m in sys.modules])"
+        "trackflow.preprocessing, trackflow.tracking, trackflow.io, trackflow.gate, "
+        "trackflow.promotion, trackflow.lineage, trackflow.inputs, trackflow.drift; "
+        "trackflow.cli.build_parser(); "
+        "print([m for m in ('prefect', 'torch', 'mlflow', 'fastapi') if m in sys.modules])"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
