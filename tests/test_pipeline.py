@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,8 +17,12 @@ from trackflow.io import read_json
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("ingest", "split", "preprocess", "pretrain", "train", "evaluate", "anomaly")
-FAST = {"pretrain.max_epochs": 2, "train.max_epochs": 2}  # the pipeline's wiring, not its accuracy
+STAGES = ("ingest", "split", "preprocess", "pretrain", "train", "evaluate", "anomaly", "register")
+FAST = {  # the pipeline's wiring, not its accuracy
+    "pretrain.max_epochs": 2,
+    "train.max_epochs": 2,
+    "promotion.min_accuracy": 0.5,
+}
 OUTPUTS = (
     "data/ingested/dataset.parquet",
     "data/split/target_train.parquet",
@@ -31,6 +36,7 @@ OUTPUTS = (
     "metrics/evaluate.json",
     "models/detector.joblib",
     "plots/anomaly/roc_curves.png",
+    "models/registered.json",
 )
 
 
@@ -123,3 +129,29 @@ def test_a_users_csv_runs_through_by_changing_params_only(repo: Path) -> None:
     evaluation = read_json(repo / "metrics/evaluate.json")["test"]
     assert set(evaluation["per_class"]) == {"0", "1"} and evaluation["accuracy"] > 0.8
     assert "source_classes" not in read_json(repo / "metrics/anomaly.json")["knn"]
+
+
+def test_repro_registers_a_champion_with_its_lineage_and_a_worse_experiment_is_not_promoted(
+    repo: Path,
+) -> None:
+    sh("dvc", "repro", cwd=repo)
+    first = read_json(repo / "models/registered.json")
+    assert first["promoted"] and first["version"] == "1" and first["champion"] == "1"
+
+    chain = json.loads(sh("trackflow", "lineage", "trackflow@champion", "--json", cwd=repo))
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    for stage, path in (("preprocess", "data/processed"), ("train", "models/model.pt")):
+        out = next(o for o in lock[stage]["outs"] if o["path"] == path)
+        assert chain["data"]["dvc"][path] == out["md5"]
+    head = sh("git", "rev-parse", "HEAD", cwd=repo).strip()
+    assert chain["training"]["git_commit"] == head
+    assert chain["preprocessing"]["n_components"] is not None
+    assert chain["backbone"]["source"] == "models/backbone.pt"
+    assert [h["action"] for h in chain["history"]] == ["challenger", "promote"]
+
+    out = sh("dvc", "exp", "run", "-S", "train.max_epochs=1", "-S", "train.lr=0.00001", cwd=repo)
+    assert ran(out) == ["train", "evaluate", "anomaly", "register"]
+    worse = read_json(repo / "models/registered.json")
+    assert worse["version"] == "2" and not worse["promoted"] and worse["champion"] == "1"
+    history = sh("trackflow", "history", "--format", "json", cwd=repo)
+    assert [e["action"] for e in json.loads(history)][-1] == "reject"
