@@ -13,7 +13,6 @@ ones (bad params, bad data, a crash) are not.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -74,14 +73,13 @@ def reproduce(root: Path, stage: str, flow_run_id: str | None) -> StageOutcome:
     retry_delay_seconds=backoff(3, 2.0),
     retry_condition_fn=retry_if_transient,
 )
-def tag_candidate(config: MlflowConfig, run_id: str, tags: dict[str, str], failed: bool) -> None:
-    """Tag the candidate's MLflow run; mark it FAILED when a later stage failed."""
+def fail_candidate(config: MlflowConfig, run_id: str, stage: str) -> None:
+    """Mark the candidate this flow run trained FAILED: a later stage failed."""
     from trackflow.tracking import set_tags, setup_tracking
 
     tracking = setup_tracking(config)
-    set_tags(tracking, run_id, tags)
-    if failed:
-        tracking.client.set_terminated(run_id, status="FAILED")
+    set_tags(tracking, run_id, {"trackflow.failed_stage": stage})
+    tracking.client.set_terminated(run_id, status="FAILED")
 
 
 @flow(name="trackflow-training")
@@ -145,15 +143,16 @@ def _finish(
     start: float,
     failed: bool,
 ) -> dict[str, Any]:
-    """Tag (or fail) this run's candidate, publish the report artifact, return the summary."""
+    """Fail this run's candidate if a stage failed; publish the report artifact; the summary.
+
+    The stages themselves tag their MLflow runs with the flow run id (``TRACKFLOW_FLOW_RUN_ID``)
+    and log the params with the overrides, so a successful run needs no MLflow call here.
+    """
     status = {outcome.stage: outcome.status for outcome in outcomes}
     results = pipeline_results(root)
-    if status.get("train") == "ran" and results["mlflow_run_id"]:
-        tags = {"trackflow.prefect_flow_run_id": str(flow_run_id)}
-        tags["trackflow.overrides"] = json.dumps(overrides, sort_keys=True)
-        if failed:
-            tags["trackflow.failed_stage"] = outcomes[-1].stage
-        tag_candidate(tracking_config(root, params), results["mlflow_run_id"], tags, failed)
+    if failed and status.get("train") == "ran" and results["mlflow_run_id"]:
+        config = tracking_config(root, params)
+        fail_candidate(config, results["mlflow_run_id"], outcomes[-1].stage)
     summary = {
         "state": "failed" if failed else "completed",
         "flow_run_id": flow_run_id,
@@ -220,7 +219,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     for step in summary["stages"]:
         print(f"{step['stage']:<11} {step['status']:<8} {step['seconds']:6.1f} s  {step['reason']}")
-    print(f"flow {summary['seconds']:.1f} s; metrics: {json.dumps(summary['metrics'])}")
+    print(f"flow {summary['seconds']:.1f} s; MLflow run {summary['mlflow_run_id']}")
+    print("metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in summary["metrics"].items()))
+    if registered := summary["registered"]:
+        decision = "promoted" if registered["promoted"] else "not promoted"
+        print(
+            f"registered {registered['name']} version {registered['version']}: {decision} "
+            f"({registered['reason']}); champion: {registered['champion']}"
+        )
     return 0
 
 
