@@ -1,0 +1,777 @@
+"""Registry-based serving: a REST service that answers with ``models:/NAME@ALIAS`` and follows it.
+
+Routes (JSON in and out; an error is ``{"error_code": ..., "message": ...}``, never a traceback):
+
+- ``GET /health``: the process is up (open even when a token is set);
+- ``GET /ready``: a version is loaded, smoke-tested and warmed up (503 until then; open);
+- ``GET /models/NAME``: the served version, its run, lineage tags, input schema, refused versions;
+- ``POST /models/NAME/predictions``: ``{"rows": [{column: number, ...}, ...]}`` in; per row
+  ``label``, ``probabilities``, ``anomaly_score`` and ``is_anomaly`` out;
+- ``POST /invocations`` and ``GET /ping``: MLflow's scoring contract, for MLflow's own clients.
+
+A :class:`ModelFollower` thread reads the alias every ``poll_interval_s``. A new version is loaded,
+smoke-tested on its input example and warmed up off the request path, then swapped in by one
+reference assignment: a request keeps the version it was checked against until it is answered,
+and every scored response names its version in ``X-Model-Version``. A version that fails any step
+is refused (reported on ``GET /models/NAME``, not retried) and the old one keeps serving.
+
+Rows are checked as :func:`~trackflow.inputs.check_rows` checks them: plain JSON numbers under
+exactly the model's columns go straight to an array; anything else goes through ``check_rows``,
+which accepts or refuses it with its message. Concurrent requests are scored together
+(:class:`Batcher`): the packaged model costs about the same per call for 1 or 64 rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import itertools
+import json
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+import pandas as pd
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException
+
+from trackflow.errors import preview
+from trackflow.inputs import InputError, check_rows
+from trackflow.tracking import TAG_PREFIX
+
+if TYPE_CHECKING:
+    from trackflow.packaging import Scorer
+    from trackflow.tracking import Tracking
+
+log = logging.getLogger(__name__)
+
+#: Environment variable holding the bearer token; unset or empty = no authentication.
+TOKEN_VARIABLE = "TRACKFLOW_API_TOKEN"
+#: JSON keys of MLflow's scoring contract (``POST /invocations``), one per request.
+INVOCATION_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+ERROR_CODES = {
+    400: "MALFORMED_REQUEST",
+    401: "UNAUTHENTICATED",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    422: "INVALID_INPUT",
+    500: "INTERNAL_ERROR",
+    503: "NOT_READY",
+}
+_NUMBER_TYPES = frozenset((int, float))
+_WARM_UP_CALLS = 5
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What the service serves, how often it reads the alias, and what it accepts."""
+
+    name: str
+    alias: str = "champion"
+    poll_interval_s: float = 10.0
+    max_rows: int = 1000
+    max_body_bytes: int = 16 * 2**20
+    token: str | None = None
+    access_log: bool = False
+
+
+class RequestError(Exception):
+    """A request the service refuses, with its HTTP status and a message for the client."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+class RefusedVersion(Exception):
+    """A registered version that cannot be served (says why)."""
+
+
+# --- rows in ------------------------------------------------------------------------------------
+
+
+def parse_json(body: bytes) -> Any:
+    """The body as JSON. ``NaN`` and ``Infinity`` literals are read, to be refused as values."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:  # the standard parser reads NaN/Infinity, which Python clients send and orjson refuses
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise RequestError(400, "malformed request: the body is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise RequestError(400, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError(400, "malformed JSON: nested too deeply") from None
+
+
+def prediction_rows(body: bytes, columns: Sequence[str], max_rows: int) -> np.ndarray:
+    """Rows of ``POST /models/NAME/predictions``: ``{"rows": [{column: number, ...}, ...]}``.
+
+    Returns:
+        The checked rows, float64 of shape (n_rows, n_features), in the model's column order.
+
+    Raises:
+        RequestError: Malformed JSON (400) or more than ``max_rows`` rows (413).
+        InputError: Anything else that does not fit the model (422), with ``check_rows``'s message.
+    """
+    payload = parse_json(body)
+    if not isinstance(payload, dict) or set(payload) != {"rows"}:
+        raise InputError(
+            'the body must be a JSON object {"rows": [{column: number, ...}, ...]} and nothing '
+            f"else, got {_describe_json(payload)}"
+        )
+    return records_rows(payload["rows"], columns, max_rows)
+
+
+def invocation_rows(
+    body: bytes, media_type: str, columns: Sequence[str], max_rows: int
+) -> np.ndarray:
+    """Rows of ``POST /invocations`` in any of MLflow's formats: JSON or CSV.
+
+    JSON holds exactly one of ``dataframe_split`` (``{"columns", "data"}``),
+    ``dataframe_records``, ``instances`` or ``inputs`` (a list of row objects, or an object of
+    columns); a ``params`` key is ignored (the model takes none).
+    """
+    if media_type == "text/csv":
+        return csv_rows(body, columns, max_rows)
+    if media_type != "application/json":
+        raise RequestError(
+            415, f"send JSON (Content-Type: application/json) or CSV (text/csv), got {media_type}"
+        )
+    payload = parse_json(body)
+    keys = [key for key in INVOCATION_KEYS if isinstance(payload, dict) and key in payload]
+    if len(keys) != 1:
+        raise InputError(
+            f"the body must be a JSON object with exactly one of {', '.join(INVOCATION_KEYS)}; "
+            f"got {_describe_json(payload)}"
+        )
+    data = payload[keys[0]]
+    if keys[0] == "dataframe_split":
+        return split_rows(data, columns, max_rows)
+    if isinstance(data, dict):  # {column: [values]}
+        return _checked(_frame(data, None, keys[0]), columns, max_rows)
+    return records_rows(data, columns, max_rows)
+
+
+def records_rows(records: Any, columns: Sequence[str], max_rows: int) -> np.ndarray:
+    """Rows given as a list of objects ``{column: number}``, checked, in the model's order."""
+    if not isinstance(records, list):
+        raise InputError(f"rows must be a list of objects, got {_describe_json(records)}")
+    _require_rows(len(records), max_rows)
+    expected = set(columns)
+    if all(type(row) is dict and row.keys() == expected for row in records):
+        values = _plain_numbers([[row[c] for c in columns] for row in records])
+        if values is not None:
+            return values
+    for number, row in enumerate(records):
+        if not isinstance(row, dict):
+            raise InputError(
+                f"row {number} is {_describe_json(row)}; each row must be an object mapping "
+                "column names to numbers"
+            )
+        if row.keys() != records[0].keys():
+            raise InputError(
+                f"row {number} does not have the columns of row 0 (missing: "
+                f"{preview(c for c in records[0] if c not in row) or 'none'}; unexpected: "
+                f"{preview(c for c in row if c not in records[0]) or 'none'}); every row must "
+                "have the same columns"
+            )
+    return _checked(pd.DataFrame(records), columns, max_rows)
+
+
+def split_rows(split: Any, columns: Sequence[str], max_rows: int) -> np.ndarray:
+    """Rows given as ``{"columns": [...], "data": [[...], ...]}`` (pandas' ``orient="split"``)."""
+    if not isinstance(split, dict) or not isinstance(split.get("data"), list):
+        raise InputError(
+            'dataframe_split must be an object {"columns": [...], "data": [[...], ...]}, '
+            f"got {_describe_json(split)}"
+        )
+    data = split["data"]
+    _require_rows(len(data), max_rows)
+    width = len(columns)
+    if split.get("columns") == list(columns) and all(
+        type(row) is list and len(row) == width for row in data
+    ):
+        values = _plain_numbers(data)
+        if values is not None:
+            return values
+    frame = _frame(data, split.get("columns"), "dataframe_split")
+    return _checked(frame, columns, max_rows)
+
+
+def csv_rows(body: bytes, columns: Sequence[str], max_rows: int) -> np.ndarray:
+    """Rows given as CSV with a header line."""
+    try:
+        frame = pd.read_csv(io.BytesIO(body))
+    except (ValueError, UnicodeDecodeError) as exc:  # pandas' parser errors are ValueErrors
+        raise RequestError(400, f"malformed CSV: {exc}") from None
+    return _checked(frame, columns, max_rows)
+
+
+def _plain_numbers(table: list[list[Any]]) -> np.ndarray | None:
+    """``table`` as float64 if it holds finite JSON numbers only, else None.
+
+    Such a table is one ``check_rows`` takes as it is; anything else goes to ``check_rows``,
+    which decides and words the refusal.
+    """
+    if not set(map(type, itertools.chain.from_iterable(table))) <= _NUMBER_TYPES:
+        return None
+    try:
+        values = np.array(table, dtype=np.float64)
+    except (OverflowError, ValueError):  # an integer beyond float range, ragged rows
+        return None
+    return values if np.isfinite(values).all() else None
+
+
+def _checked(frame: pd.DataFrame, columns: Sequence[str], max_rows: int) -> np.ndarray:
+    _require_rows(len(frame), max_rows)
+    return check_rows(frame, columns).to_numpy()
+
+
+def _frame(data: Any, names: Any, source: str) -> pd.DataFrame:
+    try:
+        return pd.DataFrame(data, columns=names)
+    except (ValueError, TypeError) as exc:  # ragged or mismatched lists
+        raise InputError(f"{source} does not make a table: {exc}") from None
+
+
+def _require_rows(count: int, max_rows: int) -> None:
+    if count == 0:
+        raise InputError("no rows to score: the request holds an empty list of rows")
+    if count > max_rows:
+        raise RequestError(
+            413, f"{count} rows in one request; this service takes at most {max_rows} (--max-rows)"
+        )
+
+
+def _describe_json(value: Any) -> str:
+    if isinstance(value, dict):
+        return f"an object with keys {preview(value)}" if value else "an empty object"
+    names = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+# --- the served model ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One registered version, loaded, smoke-tested and warmed up: what answers requests.
+
+    Attributes:
+        name: Registered model name.
+        version: Registered version number.
+        run_id: The MLflow run the version was logged from.
+        source: Where the version's files come from (``models:/m-<id>`` for a logged model).
+        scorer: The packaged model's scorer (raw rows in).
+        lineage: ``version_tags`` and ``run_tags``: the version's and its run's ``trackflow.*``
+            tags.
+        loaded_at: When it was loaded (ISO 8601, UTC).
+    """
+
+    name: str
+    version: str
+    run_id: str | None
+    source: str
+    scorer: Scorer
+    lineage: dict[str, dict[str, str]]
+    loaded_at: str
+
+    @cached_property
+    def columns(self) -> list[str]:
+        """Raw feature columns, in the order the model takes them."""
+        return [str(c) for c in self.scorer.columns]
+
+    @cached_property
+    def _frame_columns(self) -> pd.Index:
+        return pd.Index(self.columns, dtype=object)  # builds frames faster than string columns
+
+    @cached_property
+    def _probabilities(self) -> list[tuple[str, str]]:
+        return [(str(c), f"proba_{c}") for c in self.scorer.classes]
+
+    def score(self, values: np.ndarray) -> list[dict[str, Any]]:
+        """Score checked rows, shape (n_rows, n_features).
+
+        Returns:
+            One record per row with the packaged model's output columns (``label``,
+            ``proba_<class>``..., ``anomaly_score``, ``is_anomaly``), as plain Python values.
+        """
+        frame = self.scorer.score(pd.DataFrame(values, columns=self._frame_columns))
+        names = [str(c) for c in frame.columns]
+        columns = [frame[name].tolist() for name in frame.columns]
+        return [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
+
+    def predictions(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Records of :meth:`score` as the service's predictions (probabilities by class)."""
+        return [
+            {
+                "label": record["label"],
+                "probabilities": {label: record[key] for label, key in self._probabilities},
+                "anomaly_score": record["anomaly_score"],
+                "is_anomaly": record["is_anomaly"],
+            }
+            for record in records
+        ]
+
+    def smoke_test(self, example: Any) -> None:
+        """Answer the version's input example the way requests are answered, a few times.
+
+        This is both the check (any exception, or insane output, refuses the version) and the
+        warm-up: first-call costs are paid here, not by the first request.
+
+        Raises:
+            RefusedVersion: No example to test on, or answers that are not probabilities.
+        """
+        if not isinstance(example, pd.DataFrame) or example.empty:
+            raise RefusedVersion("it has no input example (a table of rows) to smoke-test it on")
+        rows = check_rows(example, self.columns)
+        bodies = [
+            orjson.dumps({"rows": rows.head(n).to_dict(orient="records")}) for n in (1, len(rows))
+        ]
+        for _ in range(_WARM_UP_CALLS):
+            for body in bodies:
+                values = prediction_rows(body, self.columns, len(rows))
+                records = self.score(values)
+                orjson.dumps({"predictions": self.predictions(records)})
+        proba = np.array([[r[key] for _, key in self._probabilities] for r in records])
+        anomaly = np.array([r["anomaly_score"] for r in records], dtype=np.float64)
+        if (
+            len(records) != len(rows)
+            or not np.isfinite(proba).all()
+            or not np.allclose(proba.sum(axis=1), 1.0, atol=1e-3)
+            or not np.isfinite(anomaly).all()
+        ):
+            raise RefusedVersion(
+                "its smoke prediction on its input example is not sane (probabilities that are "
+                "not finite or do not sum to 1, or non-finite anomaly scores)"
+            )
+
+
+def load_version(tracking: Tracking, name: str, version: str) -> ServedModel:
+    """Download, load and smoke-test (which warms up) one registered version.
+
+    Raises:
+        Exception: Anything that stops it; the version cannot be served.
+    """
+    import mlflow.pyfunc
+
+    from trackflow.packaging import Scorer
+    from trackflow.tracking import fluent_tracking
+
+    registered = tracking.client.get_model_version(name, version)
+    # MLflow finds a version's logged model (models:/m-<id>) through the process-wide URI.
+    with tempfile.TemporaryDirectory(prefix="trackflow-") as folder, fluent_tracking(tracking):
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}", dst_path=folder)
+    scorer = getattr(model.unwrap_python_model(), "scorer", None)
+    if not isinstance(scorer, Scorer):
+        raise RefusedVersion("it is not a trackflow packaged model (it holds no Scorer)")
+    run_tags = tracking.client.get_run(registered.run_id).data.tags if registered.run_id else {}
+    served = ServedModel(
+        name=name,
+        version=str(version),
+        run_id=registered.run_id,
+        source=registered.source,
+        scorer=scorer,
+        lineage={"version_tags": _lineage(registered.tags), "run_tags": _lineage(run_tags)},
+        loaded_at=_now(),
+    )
+    served.smoke_test(model.input_example)
+    return served
+
+
+def _lineage(tags: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in sorted(tags.items()) if key.startswith(TAG_PREFIX)}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# --- following the alias ------------------------------------------------------------------------
+
+
+class ModelFollower:
+    """Serves the version ``models:/NAME@ALIAS`` names, and the next one when the alias moves.
+
+    ``current`` is the served model (None until one is ready). :meth:`start` runs :meth:`check`
+    on a thread now and every ``poll_interval_s``; loading happens there, off the request path.
+    """
+
+    def __init__(self, tracking: Tracking, name: str, alias: str, poll_interval_s: float) -> None:
+        self.tracking = tracking
+        self.name = name
+        self.alias = alias
+        self.poll_interval_s = poll_interval_s
+        self.current: ServedModel | None = None
+        self.refused: dict[str, dict[str, str]] = {}
+        self.status = "starting: the alias has not been read yet"
+        self.last_checked: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self) -> None:
+        """Read the alias once; load, test and swap in the version it names if that is new."""
+        try:
+            version = str(
+                self.tracking.client.get_model_version_by_alias(self.name, self.alias).version
+            )
+        except Exception as exc:  # the store is down, the model or the alias does not exist
+            self._report(f"cannot read models:/{self.name}@{self.alias}: {_message(exc)}")
+            return
+        finally:
+            self.last_checked = _now()
+        if version in self.refused:
+            self._report(self._refusal(version))
+            return
+        if self.current and self.current.version == version:
+            self._report(f"serving version {version}", logging.INFO)
+            return
+        self.status = f"loading version {version}"
+        log.info("models:/%s@%s -> version %s: loading it", self.name, self.alias, version)
+        try:
+            served = load_version(self.tracking, self.name, version)
+        except Exception as exc:
+            self.refused[version] = {"version": version, "error": _message(exc), "at": _now()}
+            self._report(self._refusal(version))
+            log.debug("why version %s was refused", version, exc_info=True)
+            return
+        previous, self.current = self.current, served
+        self.status = f"serving version {version}"
+        log.info("now serving version %s (was %s)", version, previous.version if previous else None)
+
+    def start(self) -> None:
+        """Check now, then every ``poll_interval_s`` seconds, on a daemon thread."""
+        self._thread = threading.Thread(target=self._follow, name="model-follower", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling (a load in progress finishes on its own)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.poll_interval_s + 1)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /models/NAME`` shows of the served version and the follower's state."""
+        served = self.current
+        return {
+            "name": self.name,
+            "alias": self.alias,
+            "version": served.version if served else None,
+            "run_id": served.run_id if served else None,
+            "source": served.source if served else None,
+            "loaded_at": served.loaded_at if served else None,
+            "classes": list(served.scorer.classes) if served else None,
+            "lineage": served.lineage if served else None,
+            "status": self.status,
+            "refused": list(self.refused.values()),
+            "poll": {"interval_s": self.poll_interval_s, "last_checked": self.last_checked},
+        }
+
+    def _follow(self) -> None:
+        while True:
+            try:
+                self.check()
+            except Exception:  # a bug here must not stop the following
+                log.exception("checking models:/%s@%s failed", self.name, self.alias)
+            if self._stop.wait(self.poll_interval_s):
+                return
+
+    def _refusal(self, version: str) -> str:
+        keeping = f"version {self.current.version}" if self.current else "nothing"
+        return f"refused version {version}: {self.refused[version]['error']}; serving {keeping}"
+
+    def _report(self, status: str, level: int = logging.ERROR) -> None:
+        if status != self.status:  # once per change, not once per poll
+            log.log(level, "%s", status)
+        self.status = status
+
+
+def _message(exc: BaseException) -> str:
+    text = getattr(exc, "message", None) or str(exc) or "no message"
+    return f"{type(exc).__name__}: {text}"
+
+
+# --- scoring concurrent requests together --------------------------------------------------------
+
+
+class Batcher:
+    """Scores the rows of concurrent requests together, in the event loop's thread.
+
+    A request queues its rows and waits. The first one queued schedules a flush ``turns`` turns
+    of the event loop later: each turn reads the sockets that have data, so requests already sent
+    join the batch, and no clock is waited on (an idle service adds microseconds). Requests
+    arriving while a batch is scored form the next one. Each request is scored by the version
+    it was checked against; a batch holds at most ``max_rows`` rows (or one request).
+    """
+
+    def __init__(self, max_rows: int, turns: int = 3) -> None:
+        self.max_rows = max_rows
+        self.turns = turns
+        self._pending: list[tuple[ServedModel, np.ndarray, asyncio.Future[Any]]] = []
+        self._scheduled = False
+        self._turns_left = 0
+
+    async def score(self, served: ServedModel, values: np.ndarray) -> list[dict[str, Any]]:
+        """Records of :meth:`ServedModel.score` for these rows, scored with others if any."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((served, values, future))
+        if not self._scheduled:
+            self._scheduled, self._turns_left = True, self.turns
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        if self._turns_left > 0:
+            self._turns_left -= 1
+            asyncio.get_running_loop().call_soon(self._flush)
+            return
+        pending, self._pending, self._scheduled = self._pending, [], False
+        for batch in self._batches(pending):
+            served, start = batch[0][0], time.perf_counter()
+            try:
+                records = served.score(np.concatenate([values for _, values, _ in batch]))
+            except Exception as exc:
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            log.debug(
+                "scored %d requests, %d rows in %.2f ms",
+                len(batch),
+                len(records),
+                (time.perf_counter() - start) * 1e3,
+            )
+            first = 0
+            for _, values, future in batch:
+                if not future.done():  # done = the client went away
+                    future.set_result(records[first : first + len(values)])
+                first += len(values)
+
+    def _batches(self, pending: list[Any]) -> Iterator[list[Any]]:
+        batch: list[Any] = []
+        rows = 0
+        for item in pending:
+            if batch and (item[0] is not batch[0][0] or rows + len(item[1]) > self.max_rows):
+                yield batch
+                batch, rows = [], 0
+            batch.append(item)
+            rows += len(item[1])
+        if batch:
+            yield batch
+
+
+# --- the HTTP service ---------------------------------------------------------------------------
+
+
+def create_app(follower: ModelFollower, settings: ServeSettings) -> FastAPI:
+    """The service's ASGI app; it starts and stops ``follower`` with itself."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        follower.start()
+        yield
+        follower.stop()
+
+    app = FastAPI(
+        title="trackflow", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    batcher = Batcher(settings.max_rows)
+    guarded = APIRouter(dependencies=[Depends(_bearer(settings.token))] if settings.token else [])
+
+    def require_name(name: str) -> None:
+        if name != follower.name:
+            raise RequestError(
+                404, f"no model {name!r} here; this service serves {follower.name!r}"
+            )
+
+    def served_model() -> ServedModel:
+        served = follower.current
+        if served is None:
+            raise RequestError(
+                503,
+                f"not ready: {follower.status}",
+                {"Retry-After": str(max(1, round(follower.poll_interval_s)))},
+            )
+        return served
+
+    async def ready() -> Response:
+        served = served_model()
+        return _json({"ready": True, "name": served.name, "version": served.version})
+
+    @app.get("/health")
+    async def health() -> Response:
+        return _json({"status": "ok"})
+
+    app.get("/ready")(ready)
+    app.get("/ping")(ready)
+
+    @guarded.get("/models/{name}")
+    async def model(name: str) -> Response:
+        require_name(name)
+        served = follower.current
+        columns = served.columns if served else None
+        schema = {"columns": columns, "type": "number", "max_rows": settings.max_rows}
+        return _json(follower.describe() | {"input_schema": schema})
+
+    @guarded.post("/models/{name}/predictions")
+    async def predictions(name: str, request: Request) -> Response:
+        require_name(name)
+        served = served_model()
+        if (media_type := _media_type(request)) != "application/json":
+            raise RequestError(415, f"send the rows as JSON (application/json), got {media_type}")
+        body = await _read_body(request, settings.max_body_bytes)
+        values = prediction_rows(body, served.columns, settings.max_rows)
+        records = await batcher.score(served, values)
+        payload = {"model": {"name": served.name, "version": served.version}}
+        return _json(payload | {"predictions": served.predictions(records)}, served.version)
+
+    @guarded.post("/invocations")
+    async def invocations(request: Request) -> Response:
+        served = served_model()
+        body = await _read_body(request, settings.max_body_bytes)
+        values = invocation_rows(body, _media_type(request), served.columns, settings.max_rows)
+        return _json({"predictions": await batcher.score(served, values)}, served.version)
+
+    app.include_router(guarded)
+    _add_error_handlers(app)
+    if settings.access_log:
+        app.add_middleware(AccessLog)
+    return app
+
+
+def serve(tracking: Tracking, settings: ServeSettings, host: str, port: int) -> None:
+    """Run the service until interrupted (SIGINT/SIGTERM finish the requests in flight)."""
+    import uvicorn
+
+    follower = ModelFollower(tracking, settings.name, settings.alias, settings.poll_interval_s)
+    app = create_app(follower, settings)
+    log.info(
+        "serving models:/%s@%s from %s on http://%s:%d (polling every %gs, %s)",
+        settings.name,
+        settings.alias,
+        tracking.tracking_uri,
+        host,
+        port,
+        settings.poll_interval_s,
+        f"bearer token from {TOKEN_VARIABLE} required" if settings.token else "no authentication",
+    )
+    uvicorn.run(
+        app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5
+    )
+
+
+def _bearer(token: str) -> Any:
+    expected = token.encode()
+
+    async def authorize(request: Request) -> None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise RequestError(
+                401,
+                "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    return authorize
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, exc: RequestError) -> Response:
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(InputError)
+    async def invalid(request: Request, exc: InputError) -> Response:
+        return _error(422, str(exc))
+
+    @app.exception_handler(HTTPException)  # routing: unknown path (404), wrong method (405)
+    async def routing(request: Request, exc: HTTPException) -> Response:
+        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+    @app.exception_handler(Exception)  # the traceback goes to the service's log only
+    async def crashed(request: Request, exc: Exception) -> Response:
+        return _error(500, "internal error while answering; the service's log has the details")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    body = bytearray()
+    if not (declared.isdigit() and int(declared) > limit):
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                break
+        else:
+            return bytes(body)
+    raise RequestError(413, f"the body is over this service's limit of {limit} bytes")
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+
+
+def _json(payload: Any, version: str | None = None) -> Response:
+    headers = {"X-Model-Version": version} if version else None
+    return Response(orjson.dumps(payload), headers=headers, media_type="application/json")
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    code = ERROR_CODES.get(status, "ERROR")
+    return Response(
+        orjson.dumps({"error_code": code, "message": message}),
+        status,
+        headers,
+        media_type="application/json",
+    )
+
+
+class AccessLog:
+    """ASGI middleware: one log line per request with its status, answering version and time."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Pass the request on; log it once answered."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, answer = time.perf_counter(), {"status": 0, "version": "-"}
+
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+                headers = dict(message.get("headers", []))
+                answer["version"] = headers.get(b"x-model-version", b"-").decode()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            log.info(
+                "%s %s %s version=%s %.1f ms",
+                scope["method"],
+                scope["path"],
+                answer["status"],
+                answer["version"],
+                (time.perf_counter() - start) * 1e3,
+            )

@@ -1,0 +1,699 @@
+"""The REST service as a real ``trackflow serve`` process on loopback, serving trained candidates.
+
+Two servers are shared by the module: ``open_server`` (no token; its alias never moves) and
+``guarded_server`` (a bearer token; its tests move the alias to good and broken versions and put it
+back). Each start imports torch and MLflow in a fresh process, so each starts once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+
+from tests.conftest import REPO_ROOT, Candidate, candidate_store_uri
+from trackflow.config import load_params
+from trackflow.io import read_json, read_table
+from trackflow.packaging import log_packaged_model
+from trackflow.serving import TOKEN_VARIABLE
+from trackflow.tracking import Tracking, setup_tracking
+
+TOKEN = "test-token-0123"
+MAX_ROWS = 50
+MAX_BODY_MB = 0.1  # 104,857 bytes: 50 rows of 64 columns fit (~52 kB)
+POLL_S = 3.0  # poll interval of the server whose alias moves
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Packaged models logged once, registered under each server's own model name."""
+
+    tracking: Tracking
+    uri: str
+    rows: pd.DataFrame  # raw target test rows, features only
+    sources: dict[str, dict[str, Any]]  # kind -> create_model_version arguments
+
+    def register(self, name: str, *kinds: str) -> list[str]:
+        client = self.tracking.client
+        client.create_registered_model(name)
+        with pytest.MonkeyPatch.context() as patch:  # MLflow finds logged models by the global URI
+            patch.setenv("MLFLOW_TRACKING_URI", self.uri)
+            return [
+                str(client.create_model_version(name, **self.sources[kind]).version)
+                for kind in kinds
+            ]
+
+    def promote(self, name: str, version: str) -> None:
+        self.tracking.client.set_registered_model_alias(name, "champion", version)
+
+
+@dataclass
+class Server:
+    """A ``trackflow serve`` process on loopback serving ``name``, and a client for it."""
+
+    name: str
+    port: int
+    process: subprocess.Popen
+    log: Path
+    token: str | None = None
+
+    def request(self, method: str, path: str, auth: bool = True, **kwargs: Any):
+        headers = dict(kwargs.pop("headers", {}))
+        if auth and self.token:
+            headers.setdefault("Authorization", f"Bearer {self.token}")
+        url = f"http://127.0.0.1:{self.port}{path}"
+        return requests.request(method, url, headers=headers, timeout=30, **kwargs)
+
+    def predict(self, rows: pd.DataFrame, **kwargs: Any):
+        body = {"rows": rows.to_dict(orient="records")}
+        return self.request("POST", f"/models/{self.name}/predictions", json=body, **kwargs)
+
+    def describe(self) -> dict[str, Any]:
+        return self.request("GET", f"/models/{self.name}").json()
+
+    def is_ready(self) -> bool:
+        return self.request("GET", "/ready", auth=False).status_code == 200
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float, what: str) -> float:
+        """Seconds until ``condition()`` holds (not listening yet = not yet); fails after."""
+        start = time.monotonic()
+        while not self._holds(condition):
+            assert self.process.poll() is None, f"the server exited:\n{self.log_tail()}"
+            if time.monotonic() - start > timeout:
+                pytest.fail(f"{what}: not within {timeout}s\n{self.log_tail()}")
+            time.sleep(0.05)
+        return time.monotonic() - start
+
+    @staticmethod
+    def _holds(condition: Callable[[], bool]) -> bool:
+        try:
+            return condition()
+        except requests.ConnectionError:
+            return False
+
+    def log_tail(self) -> str:
+        return self.log.read_text()[-4000:]
+
+
+@contextmanager
+def running_server(
+    registry: Registry,
+    name: str,
+    folder: Path,
+    token: str | None = None,
+    poll_s: float = 30.0,
+    *options: str,
+) -> Iterator[Server]:
+    """``trackflow serve`` for ``name`` on a free loopback port, stopped (by its pid) after."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry.uri}
+    env.pop(TOKEN_VARIABLE, None)
+    if token:
+        env[TOKEN_VARIABLE] = token
+    argv = [sys.executable, "-m", "trackflow.cli", "serve", "--model-name", name]
+    argv += ["--params", str(REPO_ROOT / "params.yaml"), "--port", str(port)]
+    argv += ["--poll-interval", str(poll_s), "--max-rows", str(MAX_ROWS)]
+    argv += ["--max-body-mb", str(MAX_BODY_MB), *options]
+    log = folder / f"serve-{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(name, port, process, log, token)
+    try:
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def packaged_model(tracking: Tracking, candidate: Candidate, rows: pd.DataFrame) -> dict[str, Any]:
+    """Log a candidate as a packaged model; return the arguments that register it."""
+    files = candidate.files
+    run_id = read_json(files["run"])["run_id"]
+    train = read_table(files["splits"] / "target_train.parquet").drop(columns="target")
+    info = log_packaged_model(
+        tracking, run_id, files["preprocessor"], files["model"], files["detector"],
+        rows.head(5), train,
+    )  # fmt: skip
+    return {"source": info.model_uri, "run_id": run_id, "model_id": info.model_id}
+
+
+def broken_copy(
+    good: dict[str, Any], folder: Path, corrupt: Callable[[Path], None]
+) -> dict[str, Any]:
+    """A copy of the good packaged model with ``corrupt`` applied to its artifacts folder."""
+    import mlflow
+
+    path = Path(mlflow.artifacts.download_artifacts(good["source"], dst_path=str(folder)))
+    corrupt(path / "artifacts")
+    return {"source": str(path), "run_id": good["run_id"]}
+
+
+@pytest.fixture(scope="module")
+def registry(
+    candidates: dict[str, Candidate], tmp_path_factory: pytest.TempPathFactory
+) -> Registry:
+    """The good and weak candidates as packaged models, plus two broken copies of the good one.
+
+    ``unloadable``: its network file is not a network, so it fails to load. ``failing``: it
+    loads, but its detector is the weak candidate's (fitted on a 4-wide embedding, not the good
+    network's 64), so every prediction fails.
+    """
+    uri = candidate_store_uri(next(iter(candidates.values())).folder.parent)
+    good = candidates["good"]
+    rows = read_table(good.files["splits"] / "target_test.parquet").drop(columns="target")
+    folder = tmp_path_factory.mktemp("broken")
+    weak_detector = joblib.load(candidates["weak"].files["detector"])
+    corruptions = {
+        "unloadable": lambda artifacts: (artifacts / "model.pt").write_bytes(b"not a network"),
+        "failing": lambda artifacts: joblib.dump(weak_detector, artifacts / "detector.joblib"),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        tracking = setup_tracking(load_params(good.folder / "params.yaml").base.mlflow)
+        sources = {
+            kind: packaged_model(tracking, candidates[kind], rows) for kind in ("good", "weak")
+        }
+        for kind, corrupt in corruptions.items():
+            sources[kind] = broken_copy(sources["good"], folder / kind, corrupt)
+    return Registry(tracking, uri, rows, sources)
+
+
+@pytest.fixture(scope="module")
+def open_server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """No token, an access log; ``serving-open`` version 1 (good, with lineage tags) is champion."""
+    name = "serving-open"
+    (version,) = registry.register(name, "good")
+    client = registry.tracking.client
+    client.set_model_version_tag(name, version, "trackflow.gate.decision", "promoted")
+    client.set_model_version_tag(name, version, "reviewer", "not lineage")
+    registry.promote(name, version)
+    folder = tmp_path_factory.mktemp("open")
+    with running_server(registry, name, folder, None, 30.0, "--access-log") as server:
+        server.wait_for(server.is_ready, 120, "ready")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def guarded_server(
+    registry: Registry, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """Token required; versions 1 good (champion), 2 weak, 3 unloadable, 4 failing."""
+    name = "serving-guarded"
+    versions = registry.register(name, "good", "weak", "unloadable", "failing")
+    assert versions == ["1", "2", "3", "4"]
+    registry.promote(name, "1")
+    folder = tmp_path_factory.mktemp("guarded")
+    with running_server(registry, name, folder, token=TOKEN, poll_s=POLL_S) as server:
+        server.wait_for(server.is_ready, 120, "ready")
+        yield server
+
+
+def expected_predictions(registry: Registry, uri: str, rows: pd.DataFrame) -> pd.DataFrame:
+    import mlflow
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", registry.uri)
+        return mlflow.pyfunc.load_model(uri).predict(rows)
+
+
+def test_predictions_match_the_pyfunc_model_on_the_same_rows(open_server, registry) -> None:
+    rows = registry.rows.head(MAX_ROWS)
+    expected = expected_predictions(registry, f"models:/{open_server.name}/1", rows)
+
+    response = open_server.predict(rows)
+
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Model-Version"] == "1"
+    body = response.json()
+    assert body["model"] == {"name": open_server.name, "version": "1"}
+    got = body["predictions"]
+    classes = [c.removeprefix("proba_") for c in expected.columns if c.startswith("proba_")]
+    assert [p["label"] for p in got] == expected["label"].tolist()
+    assert [list(p["probabilities"]) for p in got] == [classes] * len(rows)
+    np.testing.assert_allclose(
+        [[p["probabilities"][c] for c in classes] for p in got],
+        expected[[f"proba_{c}" for c in classes]].to_numpy(),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    np.testing.assert_allclose(
+        [p["anomaly_score"] for p in got], expected["anomaly_score"], rtol=1e-5
+    )
+    assert [p["is_anomaly"] for p in got] == expected["is_anomaly"].tolist()
+
+
+def test_mlflow_clients_get_the_pyfunc_answers_from_invocations(open_server, registry) -> None:
+    from mlflow.pyfunc.scoring_server.client import ScoringServerClient
+
+    rows = registry.rows.iloc[10:30]
+    expected = expected_predictions(registry, f"models:/{open_server.name}/1", rows)
+
+    client = ScoringServerClient("127.0.0.1", open_server.port)
+    client.ping()
+    got = client.invoke(rows).get_predictions()  # sends {"dataframe_split": ...}
+
+    assert list(got.columns) == list(expected.columns)
+    assert got["label"].tolist() == expected["label"].tolist()
+    assert got["is_anomaly"].tolist() == expected["is_anomaly"].tolist()
+    numbers = [c for c in expected.columns if c.startswith("proba_")] + ["anomaly_score"]
+    np.testing.assert_allclose(got[numbers], expected[numbers], rtol=1e-5, atol=1e-7)
+
+
+def invocation_bodies(rows: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    shuffled = rows[list(reversed(rows.columns))]  # any column order is taken
+    return {
+        "dataframe_split": {"json": {"dataframe_split": shuffled.to_dict(orient="split")}},
+        "dataframe_records": {"json": {"dataframe_records": rows.to_dict(orient="records")}},
+        "instances": {"json": {"instances": rows.to_dict(orient="records")}},
+        "inputs as columns": {"json": {"inputs": rows.to_dict(orient="list")}},
+        "integers": {"json": {"dataframe_records": rows.round().astype(int).to_dict("records")}},
+        "csv": {"data": rows.to_csv(index=False), "headers": {"Content-Type": "text/csv"}},
+    }
+
+
+@pytest.mark.parametrize(
+    "form",
+    ["dataframe_split", "dataframe_records", "instances", "inputs as columns", "integers", "csv"],
+)
+def test_invocations_take_every_mlflow_input_format(open_server, registry, form: str) -> None:
+    rows = registry.rows.iloc[:5]
+    if form == "integers":
+        rows = rows.round()
+    reference = open_server.predict(rows).json()["predictions"]
+
+    response = open_server.request("POST", "/invocations", **invocation_bodies(rows)[form])
+
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Model-Version"] == "1"
+    got = response.json()["predictions"]
+    assert [p["label"] for p in got] == [p["label"] for p in reference]
+    np.testing.assert_allclose(
+        [p["anomaly_score"] for p in got], [p["anomaly_score"] for p in reference], rtol=1e-5
+    )
+
+
+def test_the_model_resource_names_version_run_lineage_and_schema(open_server, registry) -> None:
+    body = open_server.describe()
+
+    good = registry.sources["good"]
+    assert (body["name"], body["alias"], body["version"]) == (open_server.name, "champion", "1")
+    assert body["run_id"] == good["run_id"] and body["source"] == good["source"]
+    assert body["classes"] == [5, 6, 7, 8, 9]
+    assert body["input_schema"] == {
+        "columns": list(registry.rows.columns),
+        "type": "number",
+        "max_rows": MAX_ROWS,
+    }
+    run_tags = registry.tracking.client.get_run(good["run_id"]).data.tags
+    assert body["lineage"]["version_tags"] == {"trackflow.gate.decision": "promoted"}
+    assert body["lineage"]["run_tags"] == {
+        key: value for key, value in run_tags.items() if key.startswith("trackflow.")
+    }
+    assert "trackflow.data_digest" in body["lineage"]["run_tags"]
+    assert body["refused"] == [] and body["status"] == "serving version 1"
+    for probe in ("/health", "/ready", "/ping"):
+        assert open_server.request("GET", probe).status_code == 200
+    assert open_server.request("GET", "/ready").json() == {
+        "ready": True,
+        "name": open_server.name,
+        "version": "1",
+    }
+
+
+def row_dicts(rows: pd.DataFrame, count: int = 1) -> list[dict[str, Any]]:
+    return rows.head(count).to_dict(orient="records")
+
+
+def with_cell(rows: pd.DataFrame, value: str, row: int = 0, column: str = "pixel_0_0") -> bytes:
+    """Two rows as JSON text with one cell replaced by raw JSON ``value`` (e.g. ``NaN``)."""
+    records = row_dicts(rows, 2)
+    records[row][column] = "@CELL@"
+    return json.dumps({"rows": records}).replace('"@CELL@"', value).encode()
+
+
+def without(record: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {key: value for key, value in record.items() if key not in names}
+
+
+PREDICTIONS = "/models/serving-open/predictions"
+BAD_REQUESTS = {
+    # id: (path, request arguments from the rows, status, what the message says)
+    "malformed JSON": (PREDICTIONS, lambda r: {"data": b'{"rows": [{'}, 400, "malformed JSON"),
+    "not UTF-8": (PREDICTIONS, lambda r: {"data": b'{"rows": "\xff"}'}, 400, "not UTF-8"),
+    "a list, not an object": (
+        PREDICTIONS,
+        lambda r: {"json": row_dicts(r)},
+        422,
+        'JSON object {"rows"',
+    ),
+    "no rows key": (
+        PREDICTIONS,
+        lambda r: {"json": {"data": row_dicts(r)}},
+        422,
+        "got an object with keys data",
+    ),
+    "rows not a list": (
+        PREDICTIONS,
+        lambda r: {"json": {"rows": row_dicts(r)[0]}},
+        422,
+        "rows must be a list of objects, got an object",
+    ),
+    "empty batch": (PREDICTIONS, lambda r: {"json": {"rows": []}}, 422, "no rows to score"),
+    "oversized batch": (
+        PREDICTIONS,
+        lambda r: {"json": {"rows": row_dicts(r, MAX_ROWS + 1)}},
+        413,
+        f"{MAX_ROWS + 1} rows in one request; this service takes at most {MAX_ROWS}",
+    ),
+    "oversized body": (
+        PREDICTIONS,
+        lambda r: {"data": b'{"rows": []}' + b" " * 200_000},
+        413,
+        "over this service's limit of 104857 bytes",
+    ),
+    "missing column": (
+        PREDICTIONS,
+        lambda r: {"json": {"rows": [without(row_dicts(r)[0], "pixel_0_0")]}},
+        422,
+        "missing columns: pixel_0_0. The model takes exactly these 64 columns",
+    ),
+    "extra column": (
+        PREDICTIONS,
+        lambda r: {"json": {"rows": [row_dicts(r)[0] | {"colour": 1}]}},
+        422,
+        "unexpected columns: colour",
+    ),
+    "text value": (
+        PREDICTIONS,
+        lambda r: {"data": with_cell(r, '"0.5"')},
+        422,
+        "non-numeric columns: pixel_0_0",
+    ),
+    "boolean value": (
+        PREDICTIONS,
+        lambda r: {"data": with_cell(r, "true")},
+        422,
+        "non-numeric columns: pixel_0_0",
+    ),
+    "list value": (
+        PREDICTIONS,
+        lambda r: {"data": with_cell(r, "[1]")},
+        422,
+        "non-numeric columns: pixel_0_0",
+    ),
+    "null value": (
+        PREDICTIONS,
+        lambda r: {"data": with_cell(r, "null", row=1)},
+        422,
+        "NaN or infinite values at row 1 column pixel_0_0",
+    ),
+    "NaN": (
+        PREDICTIONS,
+        lambda r: {"data": with_cell(r, "NaN", column="pixel_3_3")},
+        422,
+        "NaN or infinite values at row 0 column pixel_3_3",
+    ),
+    "Infinity": (
+        PREDICTIONS,
+        lambda r: {"data": with_cell(r, "-Infinity", row=1)},
+        422,
+        "NaN or infinite values at row 1 column pixel_0_0",
+    ),
+    "overflowing number": (
+        PREDICTIONS,
+        lambda r: {"data": with_cell(r, "1e999")},
+        422,
+        "NaN or infinite values at row 0 column pixel_0_0",
+    ),
+    "a row that is not an object": (
+        PREDICTIONS,
+        lambda r: {"json": {"rows": [row_dicts(r)[0], [1, 2]]}},
+        422,
+        "row 1 is a list; each row must be an object",
+    ),
+    "rows with other columns": (
+        PREDICTIONS,
+        lambda r: {"json": {"rows": [row_dicts(r)[0], without(row_dicts(r)[0], "pixel_7_7")]}},
+        422,
+        "row 1 does not have the columns of row 0 (missing: pixel_7_7; unexpected: none)",
+    ),
+    "not JSON": (
+        PREDICTIONS,
+        lambda r: {"data": b"pixel_0_0=1", "headers": {"Content-Type": "text/plain"}},
+        415,
+        "send the rows as JSON (application/json), got text/plain",
+    ),
+    "unknown model": (
+        "/models/other/predictions",
+        lambda r: {"json": {"rows": row_dicts(r)}},
+        404,
+        "no model 'other' here; this service serves 'serving-open'",
+    ),
+    "invocations without a format key": (
+        "/invocations",
+        lambda r: {"json": {"rows": row_dicts(r)}},
+        422,
+        "exactly one of dataframe_split, dataframe_records, instances, inputs; got an object",
+    ),
+    "invocations with two format keys": (
+        "/invocations",
+        lambda r: {"json": {"instances": row_dicts(r), "inputs": row_dicts(r)}},
+        422,
+        "exactly one of dataframe_split",
+    ),
+    "invocations split with a missing column": (
+        "/invocations",
+        lambda r: {
+            "json": {"dataframe_split": r.head(2).drop(columns="pixel_1_1").to_dict("split")}
+        },
+        422,
+        "missing columns: pixel_1_1",
+    ),
+    "invocations split with ragged data": (
+        "/invocations",
+        lambda r: {"json": {"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2, 3]]}}},
+        422,
+        "dataframe_split does not make a table",
+    ),
+    "invocations malformed CSV": (
+        "/invocations",
+        lambda r: {"data": b"a,b\n1,2\n3,4,5,6\n", "headers": {"Content-Type": "text/csv"}},
+        400,
+        "malformed CSV",
+    ),
+    "invocations as text": (
+        "/invocations",
+        lambda r: {"data": b"1,2", "headers": {"Content-Type": "text/plain"}},
+        415,
+        "send JSON (Content-Type: application/json) or CSV (text/csv), got text/plain",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_gets_a_4xx_with_a_clear_message_and_no_traceback(
+    open_server, registry, case: str
+) -> None:
+    path, arguments, status, message = BAD_REQUESTS[case]
+
+    response = open_server.request("POST", path, **arguments(registry.rows))
+
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error_code", "message"}
+    assert message in body["message"]
+    assert "Traceback" not in response.text and 'File "' not in response.text
+    assert "X-Model-Version" not in response.headers
+
+
+def test_unknown_routes_and_methods_answer_in_the_same_error_shape(open_server) -> None:
+    missing = open_server.request("GET", "/models/serving-open/nothing")
+    wrong = open_server.request("GET", PREDICTIONS)
+
+    assert missing.status_code == 404 and missing.json()["error_code"] == "NOT_FOUND"
+    assert wrong.status_code == 405 and wrong.json() == {
+        "error_code": "METHOD_NOT_ALLOWED",
+        "message": f"GET {PREDICTIONS}: Method Not Allowed",
+    }
+
+
+def test_the_access_log_names_the_version_that_answered(open_server, registry) -> None:
+    lines = {
+        rf"POST {PREDICTIONS} 200 version=1 [0-9.]+ ms\n": lambda: open_server.predict(
+            registry.rows.head(2)
+        ),
+        rf"POST {PREDICTIONS} 422 version=- [0-9.]+ ms\n": lambda: open_server.request(
+            "POST", PREDICTIONS, json={"rows": []}
+        ),
+    }
+    for line, send in lines.items():
+        before = len(re.findall(line, open_server.log.read_text()))
+        send()
+        open_server.wait_for(  # written once the answer has been sent
+            lambda line=line, before=before: (
+                len(re.findall(line, open_server.log.read_text())) == before + 1
+            ),
+            5,
+            f"one more log line {line!r}",
+        )
+
+
+def test_without_a_token_no_credentials_are_asked_for(open_server, registry) -> None:
+    assert open_server.predict(registry.rows.head(1)).status_code == 200
+    assert open_server.request("GET", "/models/serving-open").status_code == 200
+
+
+def test_with_a_token_every_route_but_the_probes_requires_it(guarded_server, registry) -> None:
+    name = guarded_server.name
+    body = {"rows": row_dicts(registry.rows)}
+    protected = [
+        ("GET", f"/models/{name}", {}),
+        ("POST", f"/models/{name}/predictions", {"json": body}),
+        ("POST", "/invocations", {"json": {"dataframe_records": body["rows"]}}),
+    ]
+    for probe in ("/health", "/ready", "/ping"):
+        assert guarded_server.request("GET", probe, auth=False).status_code == 200
+    for method, path, arguments in protected:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+            refused = guarded_server.request(method, path, False, headers=headers, **arguments)
+            assert refused.status_code == 401, (path, headers)
+            assert refused.headers["WWW-Authenticate"] == "Bearer"
+            assert refused.json()["message"].startswith("missing or wrong bearer token")
+        assert guarded_server.request(method, path, **arguments).status_code == 200
+
+
+def current_version(server: Server) -> str:
+    return server.describe()["version"]
+
+
+@pytest.mark.slow
+def test_a_promoted_version_takes_over_mid_stream_without_a_failed_request(
+    guarded_server, registry
+) -> None:
+    before = current_version(guarded_server)
+    after = "2" if before == "1" else "1"  # the other good version
+    answers: list[tuple[float, int, str | None]] = []
+    stop = threading.Event()
+
+    def stream(offset: int) -> None:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {TOKEN}"
+        url = f"http://127.0.0.1:{guarded_server.port}/models/{guarded_server.name}/predictions"
+        count = 0
+        while not stop.is_set():
+            rows = row_dicts(registry.rows.iloc[(offset + count) % 100 :], 1 + count % 3)
+            response = session.post(url, json={"rows": rows}, timeout=30)
+            answers.append(
+                (time.monotonic(), response.status_code, response.headers.get("X-Model-Version"))
+            )
+            count += 1
+
+    streams = [threading.Thread(target=stream, args=(n * 7,)) for n in range(4)]
+    for thread in streams:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        promoted_at = time.monotonic()
+        registry.promote(guarded_server.name, after)
+        guarded_server.wait_for(
+            lambda: any(version == after for _, _, version in answers), 4 * POLL_S, "new version"
+        )
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for thread in streams:
+            thread.join()
+
+    assert {status for _, status, _ in answers} == {200}
+    assert {version for _, _, version in answers} == {before, after}
+    switched_at = min(t for t, _, version in answers if version == after)
+    assert switched_at - promoted_at <= 2 * POLL_S, "new version later than two poll intervals"
+    assert all(version == before for t, _, version in answers if t < promoted_at)
+    assert current_version(guarded_server) == after
+    assert len(answers) > 40
+
+
+BROKEN = {  # version of guarded_server, start of the error it is refused with
+    "unloadable": ("3", "UnpicklingError"),
+    "failing its smoke prediction": ("4", "ValueError"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_broken_version_is_refused_once_and_the_old_one_keeps_serving(
+    guarded_server, registry, case: str
+) -> None:
+    version, error = BROKEN[case]
+    before = current_version(guarded_server)
+
+    registry.promote(guarded_server.name, version)
+    try:
+        guarded_server.wait_for(
+            lambda: version in [r["version"] for r in guarded_server.describe()["refused"]],
+            2 * POLL_S + 10,  # the failed load itself takes a few seconds
+            f"refusal of version {version}",
+        )
+        time.sleep(POLL_S + 0.5)  # one more poll: a refused version is not tried again
+        body = guarded_server.describe()
+        answer = guarded_server.predict(registry.rows.head(3))
+    finally:
+        registry.promote(guarded_server.name, before)
+
+    (refusal,) = [r for r in body["refused"] if r["version"] == version]
+    assert refusal["error"].startswith(error), refusal
+    assert "Traceback" not in refusal["error"]
+    assert body["version"] == before
+    assert body["status"].startswith(f"refused version {version}: {error}")
+    assert body["status"].endswith(f"serving version {before}")
+    assert answer.status_code == 200 and answer.headers["X-Model-Version"] == before
+    assert guarded_server.is_ready()
+    assert guarded_server.log_tail().count(f"refused version {version}:") == 1
+
+
+@pytest.mark.slow
+def test_the_service_is_live_but_not_ready_until_a_champion_exists(
+    registry, tmp_path: Path
+) -> None:
+    name = "serving-later"
+    (version,) = registry.register(name, "good")
+    with running_server(registry, name, tmp_path, poll_s=1.0) as server:
+        server.wait_for(
+            lambda: "cannot read" in server.describe()["status"], 120, "first read of the alias"
+        )
+        health = server.request("GET", "/health")
+        ready = server.request("GET", "/ready")
+        early = server.predict(registry.rows.head(1))
+
+        registry.promote(name, version)
+        server.wait_for(server.is_ready, 2 * 1.0 + 10, "ready after the promotion")
+        late = server.predict(registry.rows.head(1))
+
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert ready.status_code == 503 and ready.json()["error_code"] == "NOT_READY"
+    assert f"cannot read models:/{name}@champion" in ready.json()["message"]
+    assert early.status_code == 503 and early.headers["Retry-After"] == "1"
+    assert late.status_code == 200 and late.headers["X-Model-Version"] == version
