@@ -201,14 +201,20 @@ def format_trace(chain: dict[str, Any]) -> str:
     """The chain as lines a person reads top to bottom."""
     data, pre, bb = chain["data"], chain["preprocessing"], chain["backbone"]
     train, model = chain["training"], chain["model"]
-    dvc = ", ".join(f"{k} {v}" for k, v in data["dvc"].items()) or "no dvc.lock hashes"
+    kept = pre.get("n_components")
+    variance = pre.get("explained_variance")
+    backbone = " ".join(
+        f"{label} {value}"
+        for label, value in (("", bb["source"]), ("run", bb["run_id"]), ("version", bb["version"]))
+        if value not in (None, "None")
+    )
     lines = [
         f"data           {data['source']}  digest {data['digest']}",
-        f"  dvc          {dvc}",
+        *(f"  dvc          {path}  {md5}" for path, md5 in data["dvc"].items()),
         *(f"  dataset      {d['name']}  digest {d['digest']}" for d in data["datasets"]),
-        f"preprocessing  run {pre['run_id']}  {pre.get('params', {})}  -> "
-        f"{pre.get('n_components')} components, {pre.get('explained_variance')} of variance",
-        f"backbone       {bb['source']}  run {bb['run_id']}  version {bb['version']}",
+        f"preprocessing  run {pre['run_id']}  {pre.get('params', {})}"
+        + (f"  -> {kept:g} components, {variance:.1%} of variance" if kept and variance else ""),
+        f"backbone      {backbone}",
         f"training run   {train['run_id']} ({train['status']})  mode {train['mode']}  "
         f"params {train['params_hash']}  git {train['git_commit']} (dirty: {train['git_dirty']})"
         + (f"  flow run {train['prefect_flow_run_id']}" if train["prefect_flow_run_id"] else ""),
