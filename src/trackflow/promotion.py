@@ -284,35 +284,23 @@ def _record(
         log_metrics(tracking, run_id, decision.metrics())
         client.set_tag(run_id, TAG_PREFIX + "gate.decision", outcome)
         client.set_tag(run_id, TAG_PREFIX + "gate.reason", decision.reason)
-    git_commit = model_version.tags.get(TAG_PREFIX + "git_commit")
-    fields = {"run_id": run_id, "reason": decision.reason, "metrics": decision.challenger}
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, version)
         if alias_version(client, name, CHALLENGER) == version:
             client.delete_registered_model_alias(name, CHALLENGER)
-        append_entry(
-            client,
-            name,
-            git_commit,
-            action="promote",
-            alias=CHAMPION,
-            version=version,
-            previous=current,
-            **fields,
-        )
-        log.info("%s version %s is the champion: %s", name, version, decision.reason)
-    else:
-        append_entry(
-            client,
-            name,
-            git_commit,
-            action="reject",
-            alias=CHAMPION,
-            version=version,
-            previous=current,
-            **fields,
-        )
-        log.info("%s version %s not promoted: %s", name, version, decision.reason)
+    append_entry(
+        client,
+        name,
+        model_version.tags.get(TAG_PREFIX + "git_commit"),
+        action="promote" if decision.promote else "reject",
+        alias=CHAMPION,
+        version=version,
+        previous=current,
+        run_id=run_id,
+        reason=decision.reason,
+        metrics=decision.challenger,
+    )
+    log.info("%s version %s %s: %s", name, version, outcome, decision.reason)
 
 
 def rollback(tracking: Tracking, name: str, reason: str, timeout_s: float) -> LedgerEntry:
