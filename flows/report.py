@@ -94,7 +94,7 @@ def _registration_lines(summary: dict[str, Any]) -> list[str]:
         f"- Registered: `{registered.get('name')}` version {registered.get('version')} "
         f"(`{registered.get('model_uri')}`), registered by {produced}",
         f"- Promotion: **{decision}**: {registered.get('decision')}, {registered.get('reason')}",
-        f"- Champion now: version {registered.get('champion')}",
+        f"- Champion now: {_version(registered.get('champion'))}",
     ]
 
 
@@ -123,3 +123,7 @@ def render_batch_markdown(summary: dict[str, Any]) -> str:
         for f in summary["top_features"]
     ]
     return "\n".join(lines) + "\n"
+
+
+def _version(version: Any) -> str:
+    return "none" if version is None else f"version {version}"

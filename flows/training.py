@@ -41,7 +41,7 @@ from trackflow.config import MlflowConfig, Params, load_params
 from trackflow.errors import TrackflowError
 
 ARTIFACT_KEY = "trackflow-training"
-DEPLOYMENT_NAME = "trackflow-training"
+DEPLOYMENT_NAME = "served"  # prefect.yaml's deployment is "nightly"
 DEFAULT_CRON = "0 3 * * *"  # also in prefect.yaml
 
 
@@ -194,7 +194,7 @@ def serve(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m flows.training``: run the flow once and print what each stage did."""
+    """``python -m flows.training``: run the flow once and print its report."""
     parser = argparse.ArgumentParser(prog="python -m flows.training", description=__doc__)
     parser.add_argument("--repo", default=".", help="DVC repository (default: %(default)s)")
     parser.add_argument("--params", default="params.yaml", help="params file, in the repo")
@@ -217,16 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrackflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    for step in summary["stages"]:
-        print(f"{step['stage']:<11} {step['status']:<8} {step['seconds']:6.1f} s  {step['reason']}")
-    print(f"flow {summary['seconds']:.1f} s; MLflow run {summary['mlflow_run_id']}")
-    print("metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in summary["metrics"].items()))
-    if registered := summary["registered"]:
-        decision = "promoted" if registered["promoted"] else "not promoted"
-        print(
-            f"registered {registered['name']} version {registered['version']}: {decision} "
-            f"({registered['reason']}); champion: {registered['champion']}"
-        )
+    print(render_markdown(summary), end="")  # the report the flow run published
     return 0
 
 

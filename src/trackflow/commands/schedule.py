@@ -17,7 +17,7 @@ DEFAULT_CRON = "0 3 * * *"  # flows.training.DEFAULT_CRON; not imported here (Pr
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cron", default=DEFAULT_CRON, help="schedule (default: %(default)s)")
-    parser.add_argument("--name", default="trackflow-training", help="deployment name")
+    parser.add_argument("--name", default="served", help="deployment name (default: %(default)s)")
     parser.add_argument("--repo", default=".", help="DVC repository the runs use (default: .)")
     parser.add_argument("--params", default="params.yaml", help="params file, in the repo")
     parser.add_argument(
