@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from trackflow.tracking import Tracking
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
-_ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class ChampionModel:
         scorer: The packaged model's :class:`~trackflow.packaging.Scorer`.
         profile: The training rows' profile (:func:`trackflow.drift.build_profile`).
         uri: The URI asked for, e.g. ``models:/trackflow@champion``.
-        version: The registered version it resolved to (``None`` for a URI without one).
+        version: The registered version it names or resolved to (``None`` for other URIs).
     """
 
     scorer: Scorer
@@ -165,9 +165,12 @@ def load_model(tracking: Tracking, uri: str) -> ChampionModel:
 
     version, load_uri = None, uri
     try:
-        if match := _ALIAS_URI.match(uri):
+        match = _MODELS_URI.match(uri)
+        if match and match["alias"]:
             found = tracking.client.get_model_version_by_alias(match["name"], match["alias"])
             version, load_uri = str(found.version), f"models:/{match['name']}/{found.version}"
+        elif match:
+            version = match["version"]
         with fluent_tracking(tracking):
             wrapped = mlflow.pyfunc.load_model(load_uri).unwrap_python_model()
     except MlflowException as exc:
