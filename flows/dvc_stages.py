@@ -136,7 +136,11 @@ def stage_order(root: Path, until: str | None = None) -> list[str]:
     from dvc.repo import Repo
     from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
 
-    with Repo(str(root)) as repo:
+    try:
+        repo = Repo(str(root))
+    except DvcException as exc:
+        raise ConfigError(f"{root} is not a DVC repository with a pipeline: {exc}") from None
+    with repo:
         try:
             targets = collect_stages(repo, [_target(root, until)])
         except DvcException as exc:
