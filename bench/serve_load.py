@@ -25,8 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -212,6 +213,7 @@ def benchmark(args: argparse.Namespace, tracking_uri: str, params: Path, folder:
                         flush=True,
                     )
     report(results, cases, first, args)
+    print_model_costs(tracking_uri, args.name, rows)
 
 
 def report(results: dict, cases: list[tuple[int, int]], first: dict, args: argparse.Namespace):
@@ -251,6 +253,37 @@ def report(results: dict, cases: list[tuple[int, int]], first: dict, args: argpa
     print("\nfirst single-row request after ready, and the median of the next 20 (ms):")
     for name, (once, twice) in first.items():
         print(f"  {name:<36} {once:8.1f} {twice:8.1f}")
+
+
+def print_model_costs(tracking_uri: str, name: str, rows: list[dict[str, float]]) -> None:
+    """In-process time of one call of what every request pays, with the service's settings."""
+    import mlflow.pyfunc
+    import pandas as pd
+    import torch
+
+    from trackflow.inputs import check_rows
+
+    torch.set_num_threads(1)
+    mlflow.set_tracking_uri(tracking_uri)
+    scorer = mlflow.pyfunc.load_model(f"models:/{name}@champion").unwrap_python_model().scorer
+    print("\nin-process cost of one call (ms, median of 5 x 50 calls, one torch thread):")
+    print(f"| {'call':<44} | 1 row | 64 rows |")
+    print("|---|---|---|")
+    frames = {n: pd.DataFrame(rows[:n]) for n in (1, 64)}
+    checked = {n: check_rows(frame, scorer.columns) for n, frame in frames.items()}
+    calls = {
+        "trackflow.inputs.check_rows (slow path only)": lambda n: check_rows(
+            frames[n], scorer.columns
+        ),
+        "packaged model's Scorer.score (every batch)": lambda n: scorer.score(checked[n]),
+    }
+    for label, call in calls.items():
+        times = [median_call_ms(lambda call=call, n=n: call(n)) for n in (1, 64)]
+        print(f"| {label:<44} | {times[0]:5.2f} | {times[1]:7.2f} |")
+
+
+def median_call_ms(call: Callable[[], object]) -> float:
+    return statistics.median(timeit.timeit(call, number=50) / 50 for _ in range(5)) * 1e3
 
 
 def main() -> None:
