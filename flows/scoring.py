@@ -20,8 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows.common import backoff, retry_if_transient, tracking_config
-from flows.report import render_batch_markdown
+from flows.common import backoff, retry_if_transient
 from trackflow.batch import (
     BatchResult,
     ChampionModel,
@@ -33,6 +32,8 @@ from trackflow.batch import (
 )
 from trackflow.config import MlflowConfig, load_params
 from trackflow.errors import TrackflowError
+from trackflow.pipeline import repo_tracking_config
+from trackflow.report import render_batch_markdown
 from trackflow.tracking import TAG_PREFIX, setup_tracking
 
 ARTIFACT_KEY = "trackflow-batch-scoring"
@@ -76,8 +77,8 @@ def batch_scoring_flow(
     batch: str,
     model_uri: str | None = None,
     params: str = "params.yaml",
-    psi_threshold: float = 0.2,
-    drift_share: float = 0.3,
+    psi_threshold: float | None = None,
+    drift_share: float | None = None,
 ) -> dict[str, Any]:
     """Score a CSV/Parquet batch; write predictions and a drift report next to it.
 
@@ -86,8 +87,10 @@ def batch_scoring_flow(
         model_uri: Model to score with; default ``models:/<model.name>@champion``.
         params: Params file: the model name and the MLflow store (relative paths in it are
             relative to its folder).
-        psi_threshold: A feature drifted when its PSI against the training profile is above this.
-        drift_share: The batch drifted when at least this share of features drifted.
+        psi_threshold: A feature drifted when its PSI against the training profile is above
+            this; default ``batch.psi_threshold``.
+        drift_share: The batch drifted when at least this share of features drifted; default
+            ``batch.drift_share``.
 
     Returns:
         Counts, anomaly rate, drift summary, output paths and the MLflow run id; also published
@@ -97,8 +100,10 @@ def batch_scoring_flow(
     params_path = Path(params).resolve()
     validated = load_params(params_path)
     read_batch(path)  # a missing or unreadable file fails before the model loads
-    config = tracking_config(params_path.parent, validated)
+    config = repo_tracking_config(params_path.parent, validated)
     model = load(config, model_uri or f"models:/{validated.model.name}@champion")
+    psi_threshold = validated.batch.psi_threshold if psi_threshold is None else psi_threshold
+    drift_share = validated.batch.drift_share if drift_share is None else drift_share
     result, outputs = score(path, model, psi_threshold, drift_share)
     run_id = record(config, result, model, path, outputs)
     drift = result.drift
@@ -128,8 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("batch", help="table of new rows (.csv or .parquet)")
     parser.add_argument("--model", help="model URI (default: models:/<model.name>@champion)")
     parser.add_argument("--params", default="params.yaml", help="params file")
-    parser.add_argument("--psi-threshold", type=float, default=0.2)
-    parser.add_argument("--drift-share", type=float, default=0.3)
+    parser.add_argument("--psi-threshold", type=float, help="default: params batch.psi_threshold")
+    parser.add_argument("--drift-share", type=float, help="default: params batch.drift_share")
     args = parser.parse_args(argv)
     try:
         summary = batch_scoring_flow(

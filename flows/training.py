@@ -25,20 +25,22 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 
-from flows.common import backoff, parse_overrides, retry_if_transient, tracking_config
-from flows.dvc_stages import (
+from flows.common import backoff, retry_if_transient
+from trackflow.config import MlflowConfig, Params, load_params
+from trackflow.errors import TrackflowError
+from trackflow.pipeline import (
     StageFailed,
     StageOutcome,
     applied_params,
     exclusive_repo,
+    parse_overrides,
+    repo_tracking_config,
     reproduce_stage,
     stage_env,
     stage_order,
     stage_status,
 )
-from flows.report import pipeline_results, render_markdown
-from trackflow.config import MlflowConfig, Params, load_params
-from trackflow.errors import TrackflowError
+from trackflow.report import pipeline_results, render_markdown
 
 ARTIFACT_KEY = "trackflow-training"
 DEPLOYMENT_NAME = "served"  # prefect.yaml's deployment is "nightly"
@@ -151,7 +153,7 @@ def _finish(
     status = {outcome.stage: outcome.status for outcome in outcomes}
     results = pipeline_results(root)
     if failed and status.get("train") == "ran" and results["mlflow_run_id"]:
-        config = tracking_config(root, params)
+        config = repo_tracking_config(root, params)
         fail_candidate(config, results["mlflow_run_id"], outcomes[-1].stage)
     summary = {
         "state": "failed" if failed else "completed",

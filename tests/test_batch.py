@@ -88,7 +88,9 @@ def test_a_good_batch_gets_scores_next_to_it_and_an_mlflow_run(
     assert not report["drift"]["detected"] and report["drift"]["n_features"] == 64
 
     (run,) = tracking.client.search_runs(
-        [tracking.experiment_id], f"tags.`trackflow.model_version` = '{version}'"
+        [tracking.experiment_id],
+        f"tags.`trackflow.model_uri` = 'models:/{name}@champion' "
+        f"and tags.`trackflow.model_version` = '{version}'",
     )
     assert run.data.tags["trackflow.model_uri"] == f"models:/{name}@champion"
     assert run.data.metrics["batch/n_rows"] == len(rows)

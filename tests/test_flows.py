@@ -20,18 +20,19 @@ from uuid import UUID
 import pytest
 import yaml
 
-from flows.common import retry_if_transient, tracking_config
-from flows.dvc_stages import (
+from flows.common import retry_if_transient
+from tests.conftest import REPO_ROOT, copy_project
+from trackflow.config import load_params
+from trackflow.errors import ConfigError, TrackflowError
+from trackflow.io import read_json
+from trackflow.pipeline import (
     StageFailed,
     applied_params,
     classify_failure,
     describe_changes,
     exclusive_repo,
+    repo_tracking_config,
 )
-from tests.conftest import REPO_ROOT, copy_project
-from trackflow.config import load_params
-from trackflow.errors import ConfigError, TrackflowError
-from trackflow.io import read_json
 from trackflow.tracking import setup_tracking
 
 TOY_STAGES = """
@@ -125,7 +126,7 @@ def toy_repo(tmp_path: Path) -> Path:
 
 def tracking_of(repo: Path):
     """The repository's MLflow store (``MLFLOW_TRACKING_URI`` if set), seen from any folder."""
-    return setup_tracking(tracking_config(repo, load_params(repo / "params.yaml")))
+    return setup_tracking(repo_tracking_config(repo, load_params(repo / "params.yaml")))
 
 
 def artifact_of(flow_run_id: str) -> str:

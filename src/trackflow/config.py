@@ -393,6 +393,19 @@ class PromotionConfig(_Section):
         return self
 
 
+class BatchConfig(_Section):
+    """Batch scoring with the champion: when a batch's data has drifted from the training data."""
+
+    psi_threshold: float = Field(
+        0.2,
+        gt=0,
+        description="A feature drifted when its PSI against the training profile is above this.",
+    )
+    drift_share: float = Field(
+        0.3, gt=0, le=1, description="The batch drifted when at least this share of features did."
+    )
+
+
 class Params(_Section):
     """The whole ``params.yaml``."""
 
@@ -406,6 +419,7 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     anomaly: AnomalyConfig = AnomalyConfig()
     promotion: PromotionConfig = PromotionConfig()
+    batch: BatchConfig = BatchConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Params:

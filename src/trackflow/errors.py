@@ -25,6 +25,12 @@ class DataError(TrackflowError):
     exit_code = 3
 
 
+class TrackingUnavailable(TrackflowError):
+    """The tracking store is busy or out of reach: trying again later may succeed."""
+
+    exit_code = 75  # EX_TEMPFAIL (sysexits.h): orchestrators retry on it
+
+
 def preview(items: Iterable[object], limit: int = 8) -> str:
     """A list for an error message: the first ``limit`` items, then how many there are in all."""
     names = [str(item) for item in items]

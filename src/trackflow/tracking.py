@@ -14,12 +14,38 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trackflow.config import MlflowConfig
-from trackflow.errors import ConfigError
+from trackflow.errors import ConfigError, TrackingUnavailable
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 TAG_PREFIX = "trackflow."
+
+#: Signs, in an error's text, of a passing fault: the store or server was busy or away, not wrong.
+TRANSIENT_SIGNS = (
+    "database is locked",
+    "database table is locked",
+    "connection refused",
+    "failed to establish a new connection",
+    "max retries exceeded",
+    "connection reset",
+    "connection aborted",
+    "remote end closed connection",
+    "temporary failure in name resolution",
+    "read timed out",
+    "connect timeout",
+    "503 service unavailable",
+    "too many 500 error responses",
+    "too many 503 error responses",
+    "unable to acquire lock",  # DVC: another dvc process holds the repository
+    "is being blocked by",
+)
+
+
+def is_transient_error(text: str) -> bool:
+    """Whether an error text bears a sign of a passing fault (busy store, unreachable server)."""
+    lowered = text.lower()
+    return any(sign in lowered for sign in TRANSIENT_SIGNS)
 
 
 @dataclass(frozen=True)
@@ -60,6 +86,11 @@ def setup_tracking(config: MlflowConfig) -> Tracking:
                 config.experiment_name, artifact_location=_artifact_uri(config.artifact_location)
             )
     except Exception as exc:  # MLflow raises many kinds for a bad URI or an unreachable store
+        if is_transient_error(str(exc)):
+            raise TrackingUnavailable(
+                f"the MLflow tracking store {uri!r} is busy or unreachable, try again: "
+                f"{type(exc).__name__}: {str(exc)[:500]}"
+            ) from None
         raise ConfigError(
             f"cannot use the MLflow tracking store {uri!r} (base.mlflow.tracking_uri, or "
             f"MLFLOW_TRACKING_URI if set): {type(exc).__name__}: {exc}"

@@ -18,13 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_params_argument(parser)
     parser.add_argument("--model", help="model URI (default: models:/<params model.name>@champion)")
     parser.add_argument(
-        "--psi-threshold", type=float, default=0.2, help="a feature drifted above this PSI"
+        "--psi-threshold", type=float, help="a feature drifted above this PSI (params: batch.)"
     )
     parser.add_argument(
-        "--drift-share",
-        type=float,
-        default=0.3,
-        help="the batch drifted when this share of features did (default: %(default)s)",
+        "--drift-share", type=float, help="the batch drifted when this share of features did"
     )
     parser.add_argument("--no-log", action="store_true", help="do not record an MLflow run")
 
@@ -44,7 +41,9 @@ def run(args: argparse.Namespace) -> None:
     frame = read_batch(args.batch)  # a bad file fails before the model loads
     tracking = setup_tracking(params.base.mlflow)
     model = load_model(tracking, args.model or f"models:/{params.model.name}@champion")
-    result = score_batch(frame, model, args.psi_threshold, args.drift_share)
+    psi = params.batch.psi_threshold if args.psi_threshold is None else args.psi_threshold
+    share = params.batch.drift_share if args.drift_share is None else args.drift_share
+    result = score_batch(frame, model, psi, share)
     outputs = write_batch_outputs(result, args.batch)
     counts, drift = result.counts, result.drift
     print(f"scored {counts['n_rows']} rows with {model.uri} (version {model.version})")

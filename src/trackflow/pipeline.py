@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,30 +25,12 @@ from typing import Any
 
 import yaml
 
-from trackflow.config import set_dotted
-from trackflow.errors import ConfigError, TrackflowError
+from trackflow.config import MlflowConfig, Params, set_dotted
+from trackflow.errors import ConfigError, TrackflowError, TrackingUnavailable
+from trackflow.tracking import is_transient_error as is_transient
 
 PARAMS_FILE = "params.yaml"  # what dvc.yaml's stages read and DVC tracks
 
-# Failures worth retrying: the store or server was busy or away, not wrong.
-TRANSIENT_SIGNS = (
-    "database is locked",
-    "database table is locked",
-    "connection refused",
-    "failed to establish a new connection",
-    "max retries exceeded",
-    "connection reset",
-    "connection aborted",
-    "remote end closed connection",
-    "temporary failure in name resolution",
-    "read timed out",
-    "connect timeout",
-    "503 service unavailable",
-    "too many 500 error responses",
-    "too many 503 error responses",
-    "unable to acquire lock",  # DVC: another dvc process holds the repository
-    "is being blocked by",
-)
 _EXIT_KINDS = {2: "params", 3: "data"}
 _EXITED = re.compile(r"exited with (-?\d+)")
 
@@ -107,19 +89,13 @@ class StageFailed(TrackflowError):
         return self.kind == "transient"
 
 
-def is_transient(text: str) -> bool:
-    """Whether an error text bears a sign of a passing fault (busy store, unreachable server)."""
-    lowered = text.lower()
-    return any(sign in lowered for sign in TRANSIENT_SIGNS)
-
-
 def classify_failure(exit_code: int, output: str) -> str:
     """The kind of a failed stage from its exit status and output (see :class:`StageFailed`).
 
-    A transient sign wins over the exit status: the stages report an unreachable tracking store
-    as a params error (exit 2), since they cannot tell it from a wrong URI.
+    Exit status 75 (:class:`~trackflow.errors.TrackingUnavailable`) is transient; so is any
+    failure whose output bears a sign of a passing fault (a locked store met mid-stage).
     """
-    if is_transient(output):
+    if exit_code == TrackingUnavailable.exit_code or is_transient(output):
         return "transient"
     if exit_code in _EXIT_KINDS:
         return _EXIT_KINDS[exit_code]
@@ -353,3 +329,30 @@ def exclusive_repo(root: Path) -> Iterator[None]:
         finally:
             handle.truncate(0)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def repo_tracking_config(root: Path, params: Params) -> MlflowConfig:
+    """The params' MLflow settings with local paths made absolute against ``root``.
+
+    The stages run inside the repository; a flow may run anywhere.
+    """
+    config = params.base.mlflow
+    uri, artifacts = config.tracking_uri, config.artifact_location
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
+        uri = f"sqlite:///{root / uri.removeprefix('sqlite:///')}"
+    if "://" not in artifacts and not Path(artifacts).is_absolute():
+        artifacts = str(root / artifacts)
+    return config.model_copy(update={"tracking_uri": uri, "artifact_location": artifacts})
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as overrides, values read as YAML (``8`` is an int, ``null`` None)."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: write KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
