@@ -8,6 +8,7 @@ back). Each start imports torch and MLflow in a fresh process, so each starts on
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -29,9 +30,10 @@ import requests
 
 from tests.conftest import REPO_ROOT, Candidate, candidate_store_uri
 from trackflow.config import load_params
+from trackflow.inputs import InputError, check_rows
 from trackflow.io import read_json, read_table
 from trackflow.packaging import log_packaged_model
-from trackflow.serving import TOKEN_VARIABLE
+from trackflow.serving import TOKEN_VARIABLE, records_rows, split_rows
 from trackflow.tracking import Tracking, setup_tracking
 
 TOKEN = "test-token-0123"
@@ -527,6 +529,28 @@ def test_bad_input_gets_a_4xx_with_a_clear_message_and_no_traceback(
     assert message in body["message"]
     assert "Traceback" not in response.text and 'File "' not in response.text
     assert "X-Model-Version" not in response.headers
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0, 7, 2.5, 2**53, 2**60, 2**70, -(2**64), True, "3", None, float("nan"), -math.inf, [1]],
+)
+def test_rows_are_taken_and_refused_exactly_as_check_rows_does(value: Any) -> None:
+    """The JSON fast path takes no table that check_rows would refuse, and gives the same rows."""
+    columns = ["a", "b"]
+    records = [{"a": value, "b": 1.5}, {"b": 2.5, "a": 1}]
+    split = {"columns": columns, "data": [[value, 1.5], [1, 2.5]]}
+    for rows_of, body, frame in (
+        (records_rows, records, pd.DataFrame(records)),
+        (split_rows, split, pd.DataFrame(split["data"], columns=columns)),
+    ):
+        try:
+            expected = check_rows(frame, columns).to_numpy()
+        except InputError as exc:
+            with pytest.raises(InputError, match=re.escape(str(exc))):
+                rows_of(body, columns, MAX_ROWS)
+        else:
+            np.testing.assert_array_equal(rows_of(body, columns, MAX_ROWS), expected)
 
 
 def test_unknown_routes_and_methods_answer_in_the_same_error_shape(open_server) -> None:

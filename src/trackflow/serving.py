@@ -72,6 +72,7 @@ ERROR_CODES = {
     503: "NOT_READY",
 }
 _NUMBER_TYPES = frozenset((int, float))
+_EXACT_INT = 2**53  # integers up to this are exact in float64
 _WARM_UP = "trackflow.warm_up"  # in the scope of the requests the app sends itself at start
 _WARM_UP_CALLS = 5
 
@@ -232,11 +233,16 @@ def _plain_numbers(table: list[list[Any]]) -> np.ndarray | None:
     Such a table is one ``check_rows`` takes as it is; anything else goes to ``check_rows``,
     which decides and words the refusal.
     """
-    if not set(map(type, itertools.chain.from_iterable(table))) <= _NUMBER_TYPES:
+    kinds = set(map(type, itertools.chain.from_iterable(table)))
+    if not kinds <= _NUMBER_TYPES:
+        return None
+    if int in kinds and not all(  # huge integers: let pandas and check_rows judge them
+        abs(v) <= _EXACT_INT for v in itertools.chain.from_iterable(table) if type(v) is int
+    ):
         return None
     try:
         values = np.array(table, dtype=np.float64)
-    except (OverflowError, ValueError):  # an integer beyond float range, ragged rows
+    except ValueError:  # ragged rows
         return None
     return values if np.isfinite(values).all() else None
 
