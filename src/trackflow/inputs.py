@@ -49,18 +49,18 @@ def check_rows(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
         )
     if frame.empty:
         raise InputError("no rows to score: the table is empty")
-    frame = frame.set_axis(names, axis=1)[expected]
+    if names != expected:
+        frame = frame.set_axis(names, axis=1)[expected]
     wrong = [
-        f"{c} ({frame[c].dtype})"
-        for c in expected
-        if not pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c])
+        f"{column} ({dtype})"
+        for column, dtype in zip(expected, frame.dtypes, strict=True)
+        if getattr(dtype, "kind", "O") not in "iuf"  # ints and floats; not bool, text, dates
     ]
     if wrong:
         raise InputError(f"non-numeric columns: {preview(wrong)}; every feature must be a number")
     values = frame.to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        rows, cols = np.nonzero(bad)
+    if not np.isfinite(values).all():
+        rows, cols = np.nonzero(~np.isfinite(values))
         cells = [
             f"row {frame.index[r]!s} column {expected[c]}" for r, c in zip(rows, cols, strict=True)
         ]
