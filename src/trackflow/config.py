@@ -406,6 +406,18 @@ class BatchConfig(_Section):
     )
 
 
+class ServeConfig(_Section):
+    """``trackflow serve``: the REST service that follows a registry alias."""
+
+    alias: str = Field("champion", min_length=1, description="Alias of model.name to serve.")
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 for every interface.")
+    port: int = Field(8000, ge=0, le=65535)
+    poll_interval_s: float = Field(10.0, gt=0, description="Seconds between reads of the alias.")
+    max_rows: PositiveInt = Field(1000, description="Most rows in one request (413 above).")
+    max_body_mb: float = Field(16.0, gt=0, description="Largest request body, MiB (413 above).")
+    access_log: bool = Field(False, description="One log line per request.")
+
+
 class Params(_Section):
     """The whole ``params.yaml``."""
 
@@ -420,6 +432,7 @@ class Params(_Section):
     anomaly: AnomalyConfig = AnomalyConfig()
     promotion: PromotionConfig = PromotionConfig()
     batch: BatchConfig = BatchConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Params:

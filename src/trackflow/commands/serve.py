@@ -13,41 +13,27 @@ from __future__ import annotations
 import argparse
 import os
 
-from trackflow.errors import ConfigError
 from trackflow.stages import add_params_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``trackflow serve``."""
+    """Options of ``trackflow serve``; each defaults to the params' ``serve`` section."""
     add_params_argument(parser)
     parser.add_argument(
         "--model-name", help="registered model to serve (default: the params' model.name)"
     )
+    parser.add_argument("--alias", help="alias to follow (default: serve.alias)")
+    parser.add_argument("--host", help="address to bind (default: serve.host)")
+    parser.add_argument("--port", type=int, help="port (default: serve.port)")
     parser.add_argument(
-        "--alias", default="champion", help="alias to follow (default: %(default)s)"
+        "--poll-interval", type=float, help="seconds between reads of the alias (serve.)"
     )
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
-    )
-    parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
-    parser.add_argument(
-        "--poll-interval",
-        type=float,
-        default=10.0,
-        help="seconds between two reads of the alias (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-rows", type=int, default=1000, help="most rows in one request (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--max-body-mb",
-        type=float,
-        default=16.0,
-        help="largest request body in MiB (default: %(default)s)",
-    )
+    parser.add_argument("--max-rows", type=int, help="most rows in one request (serve.)")
+    parser.add_argument("--max-body-mb", type=float, help="largest request body, MiB (serve.)")
     parser.add_argument(
         "--access-log",
         action="store_true",
+        default=None,
         help="log one line per request: status, version that answered, time",
     )
 
@@ -58,28 +44,30 @@ def run(args: argparse.Namespace) -> None:
     from trackflow.serving import TOKEN_VARIABLE, ServeSettings, serve
     from trackflow.tracking import setup_tracking
 
-    params = load_params(args.params)
-    for option, value in (
-        ("--poll-interval", args.poll_interval),
-        ("--max-rows", args.max_rows),
-        ("--max-body-mb", args.max_body_mb),
-    ):
-        if value <= 0:
-            raise ConfigError(f"{option} must be positive, got {value}")
-    if not 0 <= args.port < 65536:
-        raise ConfigError(f"--port must be between 0 and 65535, got {args.port}")
+    options = {
+        "alias": args.alias,
+        "host": args.host,
+        "port": args.port,
+        "poll_interval_s": args.poll_interval,
+        "max_rows": args.max_rows,
+        "max_body_mb": args.max_body_mb,
+        "access_log": args.access_log,
+    }
+    overrides = {f"serve.{k}": v for k, v in options.items() if v is not None}
+    params = load_params(args.params, overrides)  # a bad option fails like a bad param
+    config = params.serve
     settings = ServeSettings(
         name=args.model_name or params.model.name,
-        alias=args.alias,
-        poll_interval_s=args.poll_interval,
-        max_rows=args.max_rows,
-        max_body_bytes=int(args.max_body_mb * 2**20),
+        alias=config.alias,
+        poll_interval_s=config.poll_interval_s,
+        max_rows=config.max_rows,
+        max_body_bytes=int(config.max_body_mb * 2**20),
         token=os.environ.get(TOKEN_VARIABLE) or None,
-        access_log=args.access_log,
+        access_log=config.access_log,
     )
     _use_one_thread()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a log, not a terminal
-    serve(setup_tracking(params.base.mlflow), settings, args.host, args.port)
+    serve(setup_tracking(params.base.mlflow), settings, config.host, config.port)
 
 
 def _use_one_thread() -> None:
