@@ -264,7 +264,8 @@ def _require_rows(count: int, max_rows: int) -> None:
         raise InputError("no rows to score: the request holds an empty list of rows")
     if count > max_rows:
         raise RequestError(
-            413, f"{count} rows in one request; this service takes at most {max_rows} (--max-rows)"
+            413,
+            f"{count} rows in one request; this service takes at most {max_rows} (serve.max_rows)",
         )
 
 
