@@ -1,5 +1,6 @@
 # `make run`: set up (if needed), then run the whole pipeline on the default data with `dvc repro`.
 # `make test`: set up (if needed), then run the test suite.
+# `make flow`, `make serve`: the pipeline as a Prefect flow; the REST service on the champion.
 # Set-up creates .venv with the Python found as $(PYTHON) and installs the locked set of packages.
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ PYTEST_ARGS ?=
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run test test-fast lint format lock clean
+.PHONY: install run flow serve test test-fast lint format lock clean
 
 install: $(INSTALLED)
 
@@ -25,6 +26,13 @@ $(INSTALLED): pyproject.toml constraints.txt
 
 run: install
 	dvc repro
+
+# The same pipeline as a Prefect flow (stage by stage, retries, a report); then serve the champion.
+flow: install
+	python -m flows.training
+
+serve: install
+	trackflow serve
 
 test: install
 	pytest $(PYTEST_ARGS)
