@@ -217,3 +217,32 @@ def test_mlflow_models_serve_answers_invocations(champion, tmp_path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_model_that_imputes_scores_missing_values_and_still_refuses_infinities(champion) -> None:
+    from trackflow.config import PreprocessConfig
+    from trackflow.preprocessing import fit_preprocessor
+
+    base = champion["scorer"]
+    rows = champion["rows"].copy()
+    rows.iloc[::7, 3] = np.nan
+    config = PreprocessConfig(pca={"n_components": base.preprocessor[-1].n_components_})
+    imputing = Scorer(
+        preprocessor=fit_preprocessor(rows, config, impute=True, seed=0),
+        network=base.network,
+        detector=base.detector,
+        columns=base.columns,
+        classes=base.classes,
+    )
+    assert imputing.imputes and not base.imputes
+    scored = imputing.predict(rows)
+    assert len(scored) == len(rows) and scored["anomaly_score"].notna().all()
+    with pytest.raises(InputError, match="NaN or infinite"):
+        base.predict(rows)
+    with pytest.raises(InputError, match=r"^infinite values at row"):
+        imputing.predict(rows.fillna(np.inf))
+
+
+def test_scoring_leaves_the_fitted_preprocessor_as_it_was(champion) -> None:
+    rows = champion["rows"].head(3)
+    assert isinstance(champion["scorer"].preprocessor.transform(rows), pd.DataFrame)

@@ -30,6 +30,9 @@ def build_profile(rows: pd.DataFrame, bins: int = 10) -> dict[str, Any]:
     features = {}
     for name in rows.columns:
         values = rows[name].to_numpy(dtype=np.float64)
+        values = values[~np.isnan(values)]  # missing values (a model that imputes) are not data
+        if values.size == 0:
+            values = np.zeros(1)
         edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1))[1:-1])
         counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
         features[str(name)] = {
@@ -195,6 +198,9 @@ def compare_to_profile(
     features = {}
     for name, feature in profile["features"].items():
         values = rows[name].to_numpy(dtype=np.float64)
+        values = values[~np.isnan(values)]  # missing values (a model that imputes) are not data
+        if values.size == 0:
+            values = np.zeros(1)
         psi = population_stability_index(*bin_shares(feature, values))
         features[name] = FeatureDrift(
             psi=psi,

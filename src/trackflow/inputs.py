@@ -18,12 +18,16 @@ class InputError(DataError):
     """Rows to score do not match the model's input schema."""
 
 
-def check_rows(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+def check_rows(
+    frame: pd.DataFrame, columns: Sequence[str], allow_nan: bool = False
+) -> pd.DataFrame:
     """The rows as float64 in the model's column order, or an error naming everything wrong.
 
     Args:
         frame: Rows to score, shape (n_rows, n_columns), with the raw feature columns by name.
         columns: The feature columns the model was trained on, in order.
+        allow_nan: Let NaN (a missing value) through, for a model that imputes; infinities are
+            refused either way.
 
     Raises:
         InputError: The frame is not a table, is empty, misses or adds columns, has non-numeric
@@ -59,10 +63,12 @@ def check_rows(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     if wrong:
         raise InputError(f"non-numeric columns: {preview(wrong)}; every feature must be a number")
     values = frame.to_numpy(dtype=np.float64)
-    if not np.isfinite(values).all():
-        rows, cols = np.nonzero(~np.isfinite(values))
+    bad = np.isinf(values) if allow_nan else ~np.isfinite(values)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
         cells = [
             f"row {frame.index[r]!s} column {expected[c]}" for r, c in zip(rows, cols, strict=True)
         ]
-        raise InputError(f"NaN or infinite values at {preview(cells, limit=4)}")
+        what = "infinite values" if allow_nan else "NaN or infinite values"
+        raise InputError(f"{what} at {preview(cells, limit=4)}")
     return pd.DataFrame(values, columns=expected, index=frame.index)

@@ -57,6 +57,8 @@ class Scorer:
     classes: list[Any]
 
     def __post_init__(self) -> None:
+        #: Whether the pipeline fills missing values (``data.non_finite: impute``): NaN is allowed.
+        self.imputes = "impute" in self.preprocessor.named_steps
         steps = [_array_step(step) for _, step in self.preprocessor.steps]
         self._scale = [step for step in steps[:-1] if step is not None]
         self._reduce = steps[-1]
@@ -86,7 +88,11 @@ class Scorer:
         Raises:
             InputError: The table does not fit the model (message names what is wrong).
         """
-        return self.score(check_rows(frame, self.columns))
+        return self.score(self.check(frame))
+
+    def check(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """:func:`~trackflow.inputs.check_rows` for this model (NaN allowed if it imputes)."""
+        return check_rows(frame, self.columns, allow_nan=self.imputes)
 
     def score(self, rows: pd.DataFrame) -> pd.DataFrame:
         """Score rows already checked by :func:`~trackflow.inputs.check_rows`.
@@ -128,7 +134,7 @@ def _array_step(step: Any) -> Any:
     """
     if step == "passthrough" or step is None:
         return None
-    step = copy.copy(step)
+    step = copy.deepcopy(step)  # small fitted arrays; a shallow copy would share output config
     step.set_output(transform="default")
     if hasattr(step, "feature_names_in_"):
         del step.feature_names_in_
@@ -194,7 +200,7 @@ def log_packaged_model(
     from trackflow.tracking import fluent_tracking
 
     scorer = Scorer.from_files(preprocessor, network, detector)
-    example = check_rows(example, scorer.columns)
+    example = scorer.check(example)
     with warnings.catch_warnings():  # MLflow's hint that int columns cannot hold NaN: labels
         warnings.simplefilter("ignore", UserWarning)
         signature = infer_signature(example, scorer.score(example))
@@ -205,7 +211,7 @@ def log_packaged_model(
     )
     with fluent_tracking(tracking), tempfile.TemporaryDirectory() as folder:
         profile = Path(folder) / "profile.json"
-        profile.write_text(json.dumps(build_profile(check_rows(reference, scorer.columns))))
+        profile.write_text(json.dumps(build_profile(scorer.check(reference))))
         return Model.log(
             artifact_path=None,
             name=MODEL_NAME,
