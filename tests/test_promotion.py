@@ -44,7 +44,14 @@ def aliases(name: str) -> dict[str, str]:
 def test_first_model_becomes_champion_and_a_worse_one_stays_challenger(
     candidates, candidate_store, gate
 ) -> None:
+    client = MlflowClient()
+    run_id = read_json(candidates["good"].files["run"])["run_id"]
+    trained_with = client.get_run(run_id).data.tags["trackflow.params_hash"]
     first = gate(candidates["good"])
+    # the register stage's own params (another model.name) do not rewrite the training lineage
+    assert client.get_run(run_id).data.tags["trackflow.params_hash"] == trained_with
+    version_tags = client.get_model_version(candidate_store, "1").tags
+    assert version_tags["trackflow.params_hash"] == trained_with
     assert first["promoted"] and first["version"] == "1" and first["champion"] == "1"
     assert first["reason"].startswith("first model passing the floors")
 
@@ -53,7 +60,6 @@ def test_first_model_becomes_champion_and_a_worse_one_stays_challenger(
     assert worse["reason"].startswith("not better: accuracy")
     assert aliases(candidate_store) == {CHAMPION: "1", CHALLENGER: "2"}
 
-    client = MlflowClient()
     version = client.get_model_version(candidate_store, "2")
     assert version.tags["trackflow.gate.decision"] == "rejected"
     assert version.tags["trackflow.gate.reason"] == worse["reason"]
@@ -207,3 +213,35 @@ def test_two_promotions_racing_leave_one_champion_and_a_consistent_ledger(
     assert len(firsts) == 1  # the second racer saw the first one's champion
     assert champion_stack(entries)[-1] == aliases(candidate_store)[CHAMPION] == "2"
     assert not MlflowClient().search_registered_models(f"name = '{candidate_store}.promotion-lock'")
+
+
+def test_the_lock_is_released_on_error_waits_times_out_and_breaks_when_stale(monkeypatch) -> None:
+    import trackflow.promotion as promotion
+    from trackflow.config import MlflowConfig
+    from trackflow.promotion import PromotionError, promotion_lock
+    from trackflow.tracking import setup_tracking
+
+    client = setup_tracking(MlflowConfig()).client
+    lock = "m" + promotion.LOCK_SUFFIX
+    with pytest.raises(RuntimeError), promotion_lock(client, "m", timeout_s=5):
+        raise RuntimeError("the gate crashed")
+    assert client.search_registered_models(f"name = '{lock}'") == []  # released
+
+    with (
+        promotion_lock(client, "m", timeout_s=5),
+        pytest.raises(PromotionError, match="another promotion of 'm' holds the lock"),
+        promotion_lock(client, "m", timeout_s=0.3),
+    ):
+        pass
+    assert client.search_registered_models(f"name = '{lock}'") == []
+
+    first = promotion_lock(client, "m", timeout_s=5)
+    first.__enter__()
+    monkeypatch.setattr(promotion, "STALE_LOCK_S", 0.0)  # the first holder is taken for dead
+    second = promotion_lock(client, "m", timeout_s=5)
+    second.__enter__()  # breaks the first's lock and takes it
+    taken = client.get_registered_model(lock).tags["holder"]
+    first.__exit__(None, None, None)  # the first ends late: it must not free the second's lock
+    assert client.get_registered_model(lock).tags["holder"] == taken
+    second.__exit__(None, None, None)
+    assert client.search_registered_models(f"name = '{lock}'") == []

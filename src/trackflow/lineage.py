@@ -58,11 +58,22 @@ def run_tags(params: Params) -> dict[str, str]:
     return {TAG_PREFIX + k: v for k, v in tags.items()}
 
 
-def dvc_hashes(lock_file: str | Path) -> dict[str, str]:
+def training_lineage(tracking: Tracking, run_id: str, params: Params) -> dict[str, str]:
+    """The lineage tags a training run got when it started (:func:`run_tags`, data digest).
+
+    For a run trained before those tags existed, the tags of ``params`` and the current commit.
+    """
+    tags = tracking.client.get_run(run_id).data.tags
+    keys = [*run_tags(params), TAG_PREFIX + "data_digest"]
+    found = {key: tags[key] for key in keys if key in tags}
+    return found if TAG_PREFIX + "git_commit" in found else run_tags(params) | found
+
+
+def dvc_hashes(lock_file: str | Path, skip_stage: str = "register") -> dict[str, str]:
     """``trackflow.dvc.<path>`` tags: what ``dvc.lock`` records for the pipeline's data and models.
 
-    Every dependency and output of every stage, except code (in the git commit) and metrics and
-    figures.
+    Every dependency and output of every stage but ``skip_stage``, except code (in the git commit)
+    and metrics and figures.
 
     Returns one tag saying why when there is no lock file (the stages ran outside ``dvc repro``).
     """
@@ -73,12 +84,15 @@ def dvc_hashes(lock_file: str | Path) -> dict[str, str]:
         return {TAG_PREFIX + "dvc": f"unavailable: no {path} (stages not run by dvc repro)"}
     lock = yaml.safe_load(path.read_text()) or {}
     tags = {}
-    for stage in (lock.get("stages") or {}).values():
+    for name, stage in (lock.get("stages") or {}).items():
+        if name == skip_stage:
+            continue  # the stage asking: its entry is the previous run's
         for entry in [*stage.get("deps", []), *stage.get("outs", [])]:
             where = entry["path"]
             if where.endswith(".py") or where.startswith(("metrics/", "plots/")):
                 continue  # code is in the git commit; metrics and figures are not consumed
-            tags[f"{TAG_PREFIX}dvc.{where}"] = str(entry.get("md5") or entry.get("hash"))
+            if "md5" in entry:
+                tags[f"{TAG_PREFIX}dvc.{where}"] = str(entry["md5"])
     return tags
 
 

@@ -22,6 +22,7 @@ import os
 import random
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -45,7 +46,8 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 LEDGER_TAG = TAG_PREFIX + "ledger."
 LOCK_SUFFIX = ".promotion-lock"
-STALE_LOCK_S = 1800.0
+#: A lock older than this is taken to be left by a promotion that died (one takes seconds).
+STALE_LOCK_S = 600.0
 
 
 class PromotionError(TrackflowError):
@@ -90,7 +92,7 @@ def history_table(entries: list[LedgerEntry]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def alias_version(client: MlflowClient, name: str, alias: str = "champion") -> str | None:
+def alias_version(client: MlflowClient, name: str, alias: str = CHAMPION) -> str | None:
     """The version an alias points at, as a string, or None."""
     version = client.get_registered_model(name).aliases.get(alias)
     return None if version is None else str(version)
@@ -100,13 +102,17 @@ def alias_version(client: MlflowClient, name: str, alias: str = "champion") -> s
 def promotion_lock(client: MlflowClient, name: str, timeout_s: float) -> Iterator[None]:
     """Hold the model's promotion lock for the block; wait up to ``timeout_s`` for it.
 
+    The lock is a registered model whose ``holder`` tag names its holder with a unique token; it
+    is released only by that holder, and broken by a waiter only once it is older than
+    :data:`STALE_LOCK_S` (its holder died) and still held by the same token.
+
     Raises:
         PromotionError: Another promotion held the lock for longer than ``timeout_s``.
     """
     from mlflow.exceptions import MlflowException
 
     lock = name + LOCK_SUFFIX
-    holder = f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}"
+    holder = f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex}"
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -127,21 +133,33 @@ def promotion_lock(client: MlflowClient, name: str, timeout_s: float) -> Iterato
     try:
         yield
     finally:
-        client.delete_registered_model(lock)
+        _release(client, lock, holder)
 
 
-def _break_if_stale(client: MlflowClient, lock: str) -> None:
+def _holder(client: MlflowClient, lock: str) -> tuple[str | None, float]:
+    """Who holds ``lock`` and for how many seconds; (None, 0) when nobody does."""
     from mlflow.exceptions import MlflowException
 
     try:
         held = client.get_registered_model(lock)
     except MlflowException:
-        return  # released meanwhile
-    age = time.time() - held.creation_timestamp / 1000
-    if age > STALE_LOCK_S:
-        log.warning("breaking lock %s held by %s for %.0f s", lock, held.tags.get("holder"), age)
-        with contextlib.suppress(MlflowException):  # another waiter broke it first
+        return None, 0.0
+    return held.tags.get("holder"), time.time() - held.creation_timestamp / 1000
+
+
+def _release(client: MlflowClient, lock: str, holder: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    if _holder(client, lock)[0] == holder:  # not a lock another process took after a break
+        with contextlib.suppress(MlflowException):
             client.delete_registered_model(lock)
+
+
+def _break_if_stale(client: MlflowClient, lock: str) -> None:
+    holder, age = _holder(client, lock)
+    if holder is not None and age > STALE_LOCK_S:
+        log.warning("breaking lock %s held by %s for %.0f s", lock, holder, age)
+        _release(client, lock, holder)
 
 
 def append_entry(
@@ -267,10 +285,27 @@ def _record(
     current: str | None,
     digest: str,
 ) -> None:
+    """Move the alias and append the ledger entry (together, first), then tag version and run."""
     from trackflow.tracking import log_metrics
 
     client, version, run_id = tracking.client, str(model_version.version), model_version.run_id
     outcome = "promoted" if decision.promote else "rejected"
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    append_entry(
+        client,
+        name,
+        model_version.tags.get(TAG_PREFIX + "git_commit"),
+        action="promote" if decision.promote else "reject",
+        alias=CHAMPION,
+        version=version,
+        previous=current,
+        run_id=run_id,
+        reason=decision.reason,
+        metrics=decision.challenger,
+    )
+    if decision.promote and alias_version(client, name, CHALLENGER) == version:
+        client.delete_registered_model_alias(name, CHALLENGER)
     tags = {
         "gate.decision": outcome,
         "gate.reason": decision.reason,
@@ -284,22 +319,6 @@ def _record(
         log_metrics(tracking, run_id, decision.metrics())
         client.set_tag(run_id, TAG_PREFIX + "gate.decision", outcome)
         client.set_tag(run_id, TAG_PREFIX + "gate.reason", decision.reason)
-    if decision.promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        if alias_version(client, name, CHALLENGER) == version:
-            client.delete_registered_model_alias(name, CHALLENGER)
-    append_entry(
-        client,
-        name,
-        model_version.tags.get(TAG_PREFIX + "git_commit"),
-        action="promote" if decision.promote else "reject",
-        alias=CHAMPION,
-        version=version,
-        previous=current,
-        run_id=run_id,
-        reason=decision.reason,
-        metrics=decision.challenger,
-    )
     log.info("%s version %s %s: %s", name, version, outcome, decision.reason)
 
 
@@ -360,3 +379,18 @@ def load_predict(tracking: Tracking, uri: str) -> Callable[[pd.DataFrame], pd.Da
 
     with fluent_tracking(tracking):
         return mlflow.pyfunc.load_model(uri).predict
+
+
+@contextmanager
+def registry_errors(name: str) -> Iterator[None]:
+    """Turn the registry's 'no such model, version or alias' into a one-line error."""
+    from mlflow.exceptions import MlflowException
+
+    from trackflow.errors import ConfigError
+
+    try:
+        yield
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise ConfigError(f"registered model {name!r}: {exc.message}") from None

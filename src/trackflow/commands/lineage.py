@@ -20,10 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     import json
 
-    from trackflow.commands.promote import registry_errors
     from trackflow.config import load_params
     from trackflow.errors import ConfigError
     from trackflow.lineage import format_trace, trace
+    from trackflow.promotion import registry_errors
     from trackflow.tracking import setup_tracking
 
     ref = args.model.removeprefix("models:/")

@@ -9,8 +9,6 @@ the model's ledger (``trackflow history``).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from trackflow.stages import add_params_argument
@@ -36,7 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
     from trackflow.errors import ConfigError
-    from trackflow.promotion import CHALLENGER, alias_version, promote_if_better, rollback
+    from trackflow.promotion import (
+        CHALLENGER,
+        alias_version,
+        promote_if_better,
+        registry_errors,
+        rollback,
+    )
     from trackflow.stages import require_inputs
     from trackflow.stages.register import build_gate_set
     from trackflow.tracking import setup_tracking
@@ -59,18 +63,3 @@ def run(args: argparse.Namespace) -> None:
         )
     print(f"{name} version {version}: {'promoted' if decision.promote else 'not promoted'}")
     print(f"  {decision.reason}")
-
-
-@contextmanager
-def registry_errors(name: str) -> Iterator[None]:
-    """Turn the registry's 'no such model, version or alias' into a one-line error."""
-    from mlflow.exceptions import MlflowException
-
-    from trackflow.errors import ConfigError
-
-    try:
-        yield
-    except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        raise ConfigError(f"registered model {name!r}: {exc.message}") from None

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
     from trackflow.gate import evaluate
     from trackflow.io import atomic_outputs, read_json, read_table, write_json
-    from trackflow.lineage import dvc_hashes, run_tags
+    from trackflow.lineage import dvc_hashes, training_lineage
     from trackflow.packaging import Scorer, log_packaged_model
     from trackflow.promotion import alias_version, promote_if_better, register_candidate
     from trackflow.tracking import set_tags, setup_tracking
@@ -72,8 +72,9 @@ def run(args: argparse.Namespace) -> None:
         example=gate_set.rows.head(5),
         reference=train_rows,
     )
-    lineage = run_tags(params) | dvc_hashes(args.lock)
-    set_tags(tracking, run_id, lineage)
+    hashes = dvc_hashes(args.lock)
+    set_tags(tracking, run_id, hashes)  # what training set when it started stays as it was
+    lineage = training_lineage(tracking, run_id, params) | hashes
     name = params.model.name
     version = register_candidate(
         tracking,
