@@ -167,12 +167,17 @@ class PackagedModel(mlflow.pyfunc.PythonModel):
 
 
 def pip_requirements() -> list[str]:
-    """What the packaged model needs at load time, pinned to the versions it was logged with."""
+    """What the packaged model needs at load time, pinned to the versions it was logged with.
+
+    trackflow itself is not listed: it is not on PyPI, and a requirement of that name would let
+    an environment builder install whatever a stranger publishes under it. The model loads where
+    trackflow is installed (``--env-manager local``).
+    """
     from importlib.metadata import version
 
     return [
         f"{name}=={version(name)}"
-        for name in ("mlflow", "torch", "scikit-learn", "pandas", "numpy", "joblib", "trackflow")
+        for name in ("mlflow", "torch", "scikit-learn", "pandas", "numpy", "joblib")
     ]
 
 
