@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 from flows.common import backoff, retry_if_transient
 from trackflow.batch import (
     BatchResult,
-    ChampionModel,
+    LoadedModel,
     load_model,
     log_batch_run,
     read_batch,
@@ -47,13 +47,13 @@ RETRYING = {
 
 
 @task(**RETRYING)
-def load(config: MlflowConfig, uri: str) -> ChampionModel:
+def load(config: MlflowConfig, uri: str) -> LoadedModel:
     """Load the model to score with (its alias resolved to a version)."""
     return load_model(setup_tracking(config), uri)
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def score(batch: Path, model: ChampionModel, psi_threshold: float, drift_share: float) -> Any:
+def score(batch: Path, model: LoadedModel, psi_threshold: float, drift_share: float) -> Any:
     """Check, score and compare the batch; write both outputs or none."""
     result = score_batch(read_batch(batch), model, psi_threshold, drift_share)
     return result, write_batch_outputs(result, batch)
@@ -63,7 +63,7 @@ def score(batch: Path, model: ChampionModel, psi_threshold: float, drift_share: 
 def record(
     config: MlflowConfig,
     result: BatchResult,
-    model: ChampionModel,
+    model: LoadedModel,
     batch: Path,
     outputs: tuple[Path, Path],
 ) -> str:
@@ -98,13 +98,14 @@ def batch_scoring_flow(
     """
     path = Path(batch).resolve()
     params_path = Path(params).resolve()
-    validated = load_params(params_path)
+    options = {"psi_threshold": psi_threshold, "drift_share": drift_share}
+    overrides = {f"batch.{k}": v for k, v in options.items() if v is not None}
+    validated = load_params(params_path, overrides)  # bad thresholds fail before the model loads
     read_batch(path)  # a missing or unreadable file fails before the model loads
     config = repo_tracking_config(params_path.parent, validated)
     model = load(config, model_uri or f"models:/{validated.model.name}@champion")
-    psi_threshold = validated.batch.psi_threshold if psi_threshold is None else psi_threshold
-    drift_share = validated.batch.drift_share if drift_share is None else drift_share
-    result, outputs = score(path, model, psi_threshold, drift_share)
+    thresholds = validated.batch
+    result, outputs = score(path, model, thresholds.psi_threshold, thresholds.drift_share)
     run_id = record(config, result, model, path, outputs)
     drift = result.drift
     summary = {

@@ -119,21 +119,29 @@ def training_flow(
     )
     outcomes: list[StageOutcome] = []
     with exclusive_repo(root):
+        stage_start = time.perf_counter()
         try:
             with applied_params(root, params_path, overrides):
                 for name in stages:
+                    stage_start = time.perf_counter()
                     outcomes.append(step.with_options(task_run_name=name)(root, name, run_id))
-        except StageFailed as failure:
-            reason = f"{failure.kind}: {failure.detail}"
-            outcomes.append(
-                StageOutcome(failure.stage, "failed", reason, failure.seconds, 0, failure.attempts)
-            )
+        except Exception as error:  # whatever failed, the run publishes its report
+            attempted = stages[len(outcomes)] if len(outcomes) < len(stages) else "(flow)"
+            outcomes.append(_failed(error, attempted, time.perf_counter() - stage_start))
             try:
                 _finish(root, validated, outcomes, overrides, run_id, start, failed=True)
-            except Exception as error:  # the stage's failure is the one to report
-                get_run_logger().error("could not report the failed run: %s", error)
+            except Exception as unreported:  # the stage's failure is the one to raise
+                get_run_logger().error("could not report the failed run: %s", unreported)
             raise
     return _finish(root, validated, outcomes, overrides, run_id, start, failed=False)
+
+
+def _failed(error: Exception, stage: str, seconds: float) -> StageOutcome:
+    """The report's row for the stage a failure stopped (``stage``, unless the error names one)."""
+    if isinstance(error, StageFailed):
+        reason = f"{error.kind}: {error.detail}"
+        return StageOutcome(error.stage, "failed", reason, error.seconds, 0, error.attempts)
+    return StageOutcome(stage, "failed", f"{type(error).__name__}: {error}", seconds)
 
 
 def _finish(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +175,47 @@ def test_a_model_that_does_not_exist_is_a_config_error(champion) -> None:
     tracking, name, _ = champion
     with pytest.raises(ConfigError, match=r"cannot load model 'models:/.*@nope'"):
         load_model(tracking, f"models:/{name}@nope")
+
+
+def test_a_model_that_imputes_scores_a_batch_with_missing_values(champion, candidates) -> None:
+    from trackflow.config import PreprocessConfig
+    from trackflow.packaging import Scorer
+    from trackflow.preprocessing import fit_preprocessor
+
+    tracking, name, _ = champion
+    model = load_model(tracking, f"models:/{name}@champion")
+    base = model.scorer
+    config = PreprocessConfig(pca={"n_components": base.preprocessor[-1].n_components_})
+    train = raw_rows(candidates["good"], "train").drop(columns="target")
+    imputing = replace(
+        model,
+        scorer=Scorer(
+            preprocessor=fit_preprocessor(train, config, impute=True, seed=0),
+            network=base.network,
+            detector=base.detector,
+            columns=base.columns,
+            classes=base.classes,
+        ),
+    )
+    rows = raw_rows(candidates["good"], "test").drop(columns="target")
+    rows.iloc[::5, 10] = np.nan
+    result = score_batch(rows, imputing)
+    assert result.counts["n_rows"] == len(rows) and result.scored["label"].notna().all()
+    feature = result.drift.features[rows.columns[10]]
+    assert np.isfinite(feature.psi) and np.isfinite(feature.ks) and not result.drift.detected
+    with pytest.raises(InputError, match="NaN or infinite"):
+        score_batch(rows, model)  # the model that does not impute refuses them
+
+
+@pytest.mark.parametrize(
+    ("option", "key"), [("--psi-threshold=-1", "psi_threshold"), ("--drift-share=2", "drift_share")]
+)
+def test_a_bad_threshold_option_fails_like_a_bad_param_before_the_model_loads(
+    option: str, key: str, write_params, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    batch = tmp_path / "batch.csv"
+    batch.write_text("pixel_0_0\n1\n")
+    argv = ["score", str(batch), "--params", str(write_params()), "--model", "models:/none@x"]
+    assert cli([*argv, option]) == 2
+    assert f"batch.{key}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch.csv", "params.yaml"]

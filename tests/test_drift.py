@@ -95,3 +95,18 @@ def test_bad_arguments_are_refused(profile) -> None:
         compare_to_profile(profile, normal_rows(0))
     with pytest.raises(ValueError, match="drift_share"):
         compare_to_profile(profile, normal_rows(10), drift_share=0)
+
+
+def test_missing_values_are_not_drift(profile) -> None:
+    rows = normal_rows(500, seed=2)
+    complete = compare_to_profile(profile, rows)
+    rows.loc[::4, "a"] = np.nan  # a quarter of one feature missing (a model that imputes)
+    rows["d"] = np.nan  # all of another
+    report = compare_to_profile(profile, rows)
+    assert not report.detected and report.n_rows == 500
+    for feature in report.features.values():
+        assert np.isfinite([feature.psi, feature.ks]).all() and not feature.drifted
+    assert report.features["a"].psi < 0.05
+    assert report.features["a"].batch_mean == pytest.approx(rows["a"].mean())
+    assert report.features["b"] == complete.features["b"]
+    assert report.features["d"].psi == report.features["d"].ks == 0

@@ -6,6 +6,7 @@ a real MLflow store) through the real flow; the slow ones run the project's own 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -32,6 +33,8 @@ from trackflow.pipeline import (
     describe_changes,
     exclusive_repo,
     repo_tracking_config,
+    reproduce_stage,
+    stage_env,
 )
 from trackflow.tracking import setup_tracking
 
@@ -130,14 +133,20 @@ def tracking_of(repo: Path):
 
 
 def artifact_of(flow_run_id: str) -> str:
-    """The markdown the flow run published."""
+    """The markdown the flow run published (a failed run also stores its exception as one)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
 
-    only_this_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]))
+    the_report = ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]),
+        key=ArtifactFilterKey(any_=["trackflow-training"]),
+    )
     with get_client(sync_client=True) as client:
-        (artifact,) = client.read_artifacts(artifact_filter=only_this_run)
-    assert artifact.key == "trackflow-training"
+        (artifact,) = client.read_artifacts(artifact_filter=the_report)
     return str(artifact.data)
 
 
@@ -259,16 +268,99 @@ def test_a_deterministic_failure_is_not_retried_and_fails_the_candidate_run(
     assert (toy_repo / "params.yaml").read_bytes() == committed
 
 
-def test_failures_are_classified_from_exit_status_and_output() -> None:
+def test_failures_are_classified_from_exit_status_first_then_output() -> None:
+    unreachable = "error: the MLflow tracking store 'http://x' is busy or unreachable, try again"
+    assert classify_failure(75, unreachable) == "transient"
+    retried = "urllib3: Connection refused, retrying (1/3)\n"
+    assert classify_failure(3, f"{retried}error: missing input data/split") == "data"
+    assert classify_failure(2, f"{retried}error: unknown key 'train.mod'") == "params"
     locked = "sqlalchemy.exc.OperationalError: (sqlite3.OperationalError) database is locked"
     assert classify_failure(1, f"Traceback (most recent call last):\n{locked}") == "transient"
-    unreachable = "error: cannot use the MLflow tracking store 'http://x': Max retries exceeded"
-    assert classify_failure(2, unreachable) == "transient"  # reported as a params error
     assert classify_failure(255, "ERROR: Unable to acquire lock. Most likely ...") == "transient"
-    assert classify_failure(2, "error: unknown key 'train.mod'") == "params"
-    assert classify_failure(3, "error: missing input data/split") == "data"
     assert classify_failure(1, "Traceback (most recent call last):\nKeyError: 'x'") == "crash"
     assert classify_failure(1, "error: the registry refused") == "error"
+
+
+STAGE_SCRIPT = """
+import os, sys, time
+
+if sys.argv[1] == "bad_data":
+    print("worker exited with 1; Connection refused, retrying")
+    sys.exit(3)
+print(os.getpid(), flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def stage_repo(tmp_path: Path) -> Path:
+    """Two stages without deps: ``bad_data`` exits 3, ``slow`` prints its pid and sleeps."""
+    repo = tmp_path / "stages"
+    repo.mkdir()
+    dvc("init", "--no-scm", "-q", cwd=repo)
+    stages = {name: {"cmd": f"python stage.py {name}"} for name in ("bad_data", "slow")}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    (repo / "stage.py").write_text(STAGE_SCRIPT)
+    return repo
+
+
+def test_a_stage_failure_is_read_from_dvc_s_last_exit_line_and_its_status_first(
+    stage_repo: Path,
+) -> None:
+    with pytest.raises(StageFailed) as failed:
+        reproduce_stage(stage_repo, "bad_data", "never run", stage_env(None))
+    assert (failed.value.exit_code, failed.value.kind) == (3, "data")
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])
+def test_an_error_while_reading_the_output_kills_dvc(
+    stage_repo: Path, interruption: type[BaseException]
+) -> None:
+    import psutil
+
+    running: list[psutil.Process] = []  # the stage's command, then the dvc process running it
+
+    def interrupt(line: str) -> None:
+        if line.isdigit():
+            command = psutil.Process(int(line))
+            running.append(command)
+            running.extend(p for p in command.parents() if "repro" in p.cmdline())
+            raise interruption("stop")
+
+    try:
+        start = time.perf_counter()
+        with pytest.raises(interruption):
+            reproduce_stage(stage_repo, "slow", "never run", stage_env(None), interrupt)
+        assert time.perf_counter() - start < 30  # no waiting for the command's 60 s
+        _, alive = psutil.wait_procs(running[1:], timeout=5)
+        assert len(running) == 2 and not alive
+    finally:
+        if running:  # the command itself, left without its dvc
+            with contextlib.suppress(psutil.NoSuchProcess):
+                running[0].kill()
+
+
+BREAKS_PARAMS = """
+from pathlib import Path
+
+Path("data.txt").write_text("rows")
+Path("params.yaml").write_text("train: [")
+"""
+
+
+def test_a_failure_other_than_a_stage_s_still_publishes_the_report(
+    prefect_api: str, toy_repo: Path
+) -> None:
+    from flows.training import training_flow
+
+    (toy_repo / "toy.py").write_text(BREAKS_PARAMS)  # prepare corrupts params.yaml ...
+    state = training_flow(repo=str(toy_repo), until="train", retries=0, return_state=True)
+    error = state.result(raise_on_failure=False)  # ... so DVC cannot tell whether train is stale
+    assert type(error).__name__ == "YAMLFileCorruptedError" and not isinstance(error, StageFailed)
+    report = artifact_of(str(state.state_details.flow_run_id))
+    assert report.startswith("# trackflow training: failed")
+    assert "| prepare | ran |" in report
+    assert "| train | failed | YAMLFileCorruptedError: unable to read" in report
 
 
 def test_only_transient_failures_meet_the_retry_condition() -> None:
@@ -385,6 +477,18 @@ def test_the_batch_scoring_flow_scores_publishes_and_refuses_a_bad_batch(
     with pytest.raises(InputError, match="missing columns: pixel_3_3"):
         batch_scoring_flow(str(bad), model, str(write_params()))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("bad")) == ["bad.csv"]
+
+
+def test_the_batch_scoring_flow_refuses_a_bad_threshold_before_loading_the_model(
+    prefect_api: str, write_params, tmp_path: Path
+) -> None:
+    from flows.scoring import batch_scoring_flow
+
+    batch = tmp_path / "batch.csv"
+    batch.write_text("pixel_0_0\n1\n")
+    with pytest.raises(ConfigError, match=r"batch\.drift_share: Input should be less than"):
+        batch_scoring_flow(str(batch), "models:/none@x", str(write_params()), drift_share=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch.csv", "params.yaml"]
 
 
 # --- The project's pipeline (slow) ---------------------------------------------------------------

@@ -7,8 +7,9 @@ For ``new.csv`` (or ``new.parquet``) the outputs go next to it, written all toge
 - ``new.drift.json``: the batch against the model's training profile
   (:func:`trackflow.drift.compare_to_profile`) and the batch's counts.
 
-A table the model cannot score (missing feature columns, non-numeric or non-finite values, no rows,
-not a table) is refused with an :class:`~trackflow.inputs.InputError` before anything is written.
+A table the model cannot score (missing feature columns, non-numeric values, infinities, missing
+values unless the model imputes them, no rows, not a table) is refused with an
+:class:`~trackflow.inputs.InputError` before anything is written.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pandas as pd
 
 from trackflow.drift import DriftReport, compare_to_profile
 from trackflow.errors import ConfigError
-from trackflow.inputs import InputError, check_rows
+from trackflow.inputs import InputError
 from trackflow.io import atomic_outputs, write_json
 
 if TYPE_CHECKING:
@@ -34,8 +35,8 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ve
 
 
 @dataclass(frozen=True)
-class ChampionModel:
-    """A registered model loaded for scoring.
+class LoadedModel:
+    """A packaged model loaded for scoring, by whatever URI was asked for.
 
     Attributes:
         scorer: The packaged model's :class:`~trackflow.packaging.Scorer`.
@@ -93,7 +94,7 @@ def read_batch(path: str | Path) -> pd.DataFrame:
 
 def score_batch(
     frame: pd.DataFrame,
-    model: ChampionModel,
+    model: LoadedModel,
     psi_threshold: float = 0.2,
     drift_share: float = 0.3,
 ) -> BatchResult:
@@ -107,11 +108,12 @@ def score_batch(
         drift_share: The batch drifted when at least this share of features drifted.
 
     Raises:
-        InputError: Feature columns are missing, non-numeric or non-finite, there are no rows, or
-            an input column has the name of an output column.
+        InputError: Feature columns are missing, non-numeric, infinite or (unless the model
+            imputes) missing, there are no rows, or an input column has the name of an output
+            column.
     """
     features = [str(c) for c in frame.columns if str(c) in set(model.scorer.columns)]
-    rows = check_rows(frame[features] if features else frame, model.scorer.columns)
+    rows = model.scorer.check(frame[features] if features else frame)
     scores = model.scorer.score(rows)
     clash = sorted(set(map(str, frame.columns)) & set(scores.columns))
     if clash:
@@ -149,7 +151,7 @@ def write_batch_outputs(result: BatchResult, batch: str | Path) -> tuple[Path, P
     return scored_path, report_path
 
 
-def load_model(tracking: Tracking, uri: str) -> ChampionModel:
+def load_model(tracking: Tracking, uri: str) -> LoadedModel:
     """Load a packaged model by URI; an alias is resolved to its version first.
 
     Resolving first means the version logged with the scores is the one that scored, even if the
@@ -177,13 +179,13 @@ def load_model(tracking: Tracking, uri: str) -> ChampionModel:
         raise ConfigError(f"cannot load model {uri!r}: {exc.message}") from None
     if not hasattr(wrapped, "scorer") or not hasattr(wrapped, "profile"):
         raise ConfigError(f"model {uri!r} is not a trackflow packaged model (no scorer/profile)")
-    return ChampionModel(wrapped.scorer, wrapped.profile, uri, version)
+    return LoadedModel(wrapped.scorer, wrapped.profile, uri, version)
 
 
 def log_batch_run(
     tracking: Tracking,
     result: BatchResult,
-    model: ChampionModel,
+    model: LoadedModel,
     batch: str | Path,
     outputs: tuple[Path, Path],
     tags: dict[str, str] | None = None,

@@ -61,7 +61,7 @@ class FeatureDrift:
         ks: Kolmogorov-Smirnov statistic: the largest gap between the training CDF (read from the
             profile's 101 quantiles, so good to about 0.01) and the new rows' empirical CDF.
         train_mean: Mean of the training rows.
-        batch_mean: Mean of the new rows.
+        batch_mean: Mean of the new rows' present values (NaN when all are missing).
         drifted: ``psi`` is above the threshold.
     """
 
@@ -181,7 +181,9 @@ def compare_to_profile(
     Args:
         profile: The training rows' profile.
         rows: New rows, shape (n_rows, n_features), with (at least) the profile's features;
-            checked (numeric, finite) beforehand, e.g. by :func:`trackflow.inputs.check_rows`.
+            checked (numeric, no infinities) beforehand, e.g. by :meth:`Scorer.check
+            <trackflow.packaging.Scorer.check>`. A missing value (NaN) is not drift: each
+            feature is compared on its present values; one with none shows no drift.
         psi_threshold: A feature drifted when its PSI is above this.
         drift_share: The batch drifted when at least this share of features drifted.
 
@@ -199,8 +201,9 @@ def compare_to_profile(
     for name, feature in profile["features"].items():
         values = rows[name].to_numpy(dtype=np.float64)
         values = values[~np.isnan(values)]  # missing values (a model that imputes) are not data
-        if values.size == 0:
-            values = np.zeros(1)
+        if values.size == 0:  # nothing to compare
+            features[name] = FeatureDrift(0.0, 0.0, float(feature["mean"]), float("nan"), False)
+            continue
         psi = population_stability_index(*bin_shares(feature, values))
         features[name] = FeatureDrift(
             psi=psi,

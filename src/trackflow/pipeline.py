@@ -27,6 +27,7 @@ import yaml
 
 from trackflow.config import MlflowConfig, Params, set_dotted
 from trackflow.errors import ConfigError, TrackflowError, TrackingUnavailable
+from trackflow.lineage import FLOW_RUN_ENV
 from trackflow.tracking import is_transient_error as is_transient
 
 PARAMS_FILE = "params.yaml"  # what dvc.yaml's stages read and DVC tracks
@@ -92,13 +93,17 @@ class StageFailed(TrackflowError):
 def classify_failure(exit_code: int, output: str) -> str:
     """The kind of a failed stage from its exit status and output (see :class:`StageFailed`).
 
-    Exit status 75 (:class:`~trackflow.errors.TrackingUnavailable`) is transient; so is any
-    failure whose output bears a sign of a passing fault (a locked store met mid-stage).
+    The exit status decides first: 75 (:class:`~trackflow.errors.TrackingUnavailable`) is
+    transient, 2 and 3 are bad params and bad data whatever else the output says (a library may
+    have logged a connection it retried). Any other failure is transient if its output bears a
+    sign of a passing fault (a locked store met mid-stage), else a crash or an error.
     """
-    if exit_code == TrackingUnavailable.exit_code or is_transient(output):
+    if exit_code == TrackingUnavailable.exit_code:
         return "transient"
     if exit_code in _EXIT_KINDS:
         return _EXIT_KINDS[exit_code]
+    if is_transient(output):
+        return "transient"
     return "crash" if "Traceback (most recent call last)" in output else "error"
 
 
@@ -205,22 +210,26 @@ def reproduce_stage(
         text=True,
         bufsize=1,
     ) as process:
-        for line in process.stdout:  # type: ignore[union-attr]
-            now = time.perf_counter()
-            line = line.rstrip("\n")
-            if command_start is None and line.startswith("> "):
-                command_start = now  # DVC prints the command just before starting it
-            elif command_start and not command_end and line.startswith("Updating lock file"):
-                command_end = now  # ... and updates dvc.lock right after it ended
-            lines.append(line)
-            on_line(line)
+        try:
+            for line in process.stdout:  # type: ignore[union-attr]
+                now = time.perf_counter()
+                line = line.rstrip("\n")
+                if command_start is None and line.startswith("> "):
+                    command_start = now  # DVC prints the command just before starting it
+                elif command_start and not command_end and line.startswith("Updating lock file"):
+                    command_end = now  # ... and updates dvc.lock right after it ended
+                lines.append(line)
+                on_line(line)
+        except BaseException:  # e.g. KeyboardInterrupt: Popen's exit would not stop dvc
+            process.kill()
+            raise
         code = process.wait()
     end = time.perf_counter()
     output = "\n".join(lines)
     command_seconds = ((command_end or end) - command_start) if command_start else 0.0
     if code != 0:
-        stage_code = _EXITED.search(output)
-        exit_code = int(stage_code.group(1)) if stage_code else code
+        stage_codes = _EXITED.findall(output)  # the last one: DVC's own final line
+        exit_code = int(stage_codes[-1]) if stage_codes else code
         kind = classify_failure(exit_code, output)
         raise StageFailed(stage, exit_code, kind, _failure_detail(lines), end - start)
     if f"Stage '{stage}' is cached" in output:
@@ -252,7 +261,7 @@ def stage_env(flow_run_id: str | None, extra: Mapping[str, str] | None = None) -
     env.setdefault("DVC_NO_ANALYTICS", "1")
     env["PYTHONUNBUFFERED"] = "1"  # output lines arrive when written: stage timing stays true
     if flow_run_id:
-        env["TRACKFLOW_FLOW_RUN_ID"] = flow_run_id
+        env[FLOW_RUN_ENV] = flow_run_id
     return env | dict(extra or {})
 
 

@@ -37,13 +37,13 @@ def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
     from trackflow.tracking import setup_tracking
 
-    params = load_params(args.params)
+    options = {"psi_threshold": args.psi_threshold, "drift_share": args.drift_share}
+    overrides = {f"batch.{k}": v for k, v in options.items() if v is not None}
+    params = load_params(args.params, overrides)  # a bad option fails like a bad param
     frame = read_batch(args.batch)  # a bad file fails before the model loads
     tracking = setup_tracking(params.base.mlflow)
     model = load_model(tracking, args.model or f"models:/{params.model.name}@champion")
-    psi = params.batch.psi_threshold if args.psi_threshold is None else args.psi_threshold
-    share = params.batch.drift_share if args.drift_share is None else args.drift_share
-    result = score_batch(frame, model, psi, share)
+    result = score_batch(frame, model, params.batch.psi_threshold, params.batch.drift_share)
     outputs = write_batch_outputs(result, args.batch)
     counts, drift = result.counts, result.drift
     print(f"scored {counts['n_rows']} rows with {model.uri} (version {model.version})")
