@@ -256,30 +256,42 @@ def report(results: dict, cases: list[tuple[int, int]], first: dict, args: argpa
 
 
 def print_model_costs(tracking_uri: str, name: str, rows: list[dict[str, float]]) -> None:
-    """In-process time of one call of what every request pays, with the service's settings."""
-    import mlflow.pyfunc
+    """In-process time of one call of each step a request pays, on the champion as the service
+    loads it (smoke-tested and warmed up), with one torch thread."""
     import pandas as pd
     import torch
+    from mlflow import MlflowClient
 
-    from trackflow.inputs import check_rows
+    from trackflow.serving import load_version, prediction_rows
+    from trackflow.tracking import Tracking
 
     torch.set_num_threads(1)
-    mlflow.set_tracking_uri(tracking_uri)
-    scorer = mlflow.pyfunc.load_model(f"models:/{name}@champion").unwrap_python_model().scorer
-    print("\nin-process cost of one call (ms, median of 5 x 50 calls, one torch thread):")
-    print(f"| {'call':<44} | 1 row | 64 rows |")
-    print("|---|---|---|")
+    client = MlflowClient(tracking_uri)
+    version = client.get_model_version_by_alias(name, "champion").version
+    served = load_version(Tracking(client, tracking_uri, ""), name, version)
+    scorer = served.scorer
+    bodies = {n: orjson.dumps({"rows": rows[:n]}) for n in (1, 64)}
     frames = {n: pd.DataFrame(rows[:n]) for n in (1, 64)}
-    checked = {n: check_rows(frame, scorer.columns) for n, frame in frames.items()}
+    checked = {n: scorer.check(frame) for n, frame in frames.items()}
+
+    def whole(n: int) -> bytes:
+        values = prediction_rows(bodies[n], scorer, 1000)
+        return orjson.dumps({"predictions": served.predictions(served.score(values))})
+
     calls = {
-        "trackflow.inputs.check_rows (slow path only)": lambda n: check_rows(
-            frames[n], scorer.columns
+        "serving.prediction_rows (body -> rows, fast path)": lambda n: prediction_rows(
+            bodies[n], scorer, 1000
         ),
-        "packaged model's Scorer.score (every batch)": lambda n: scorer.score(checked[n]),
+        "Scorer.check = check_rows (slow path only)": lambda n: scorer.check(frames[n]),
+        "Scorer.score (the packaged model, every batch)": lambda n: scorer.score(checked[n]),
+        "a whole request, in process (body -> JSON out)": whole,
     }
+    print("\nin-process cost of one call (ms, median of 5 x 50 calls, one torch thread):")
+    print(f"| {'call':<50} | 1 row | 64 rows |")
+    print("|---|---|---|")
     for label, call in calls.items():
         times = [median_call_ms(lambda call=call, n=n: call(n)) for n in (1, 64)]
-        print(f"| {label:<44} | {times[0]:5.2f} | {times[1]:7.2f} |")
+        print(f"| {label:<50} | {times[0]:5.2f} | {times[1]:7.2f} |")
 
 
 def median_call_ms(call: Callable[[], object]) -> float:

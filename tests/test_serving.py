@@ -1,23 +1,26 @@
 """The REST service as a real ``trackflow serve`` process on loopback, serving trained candidates.
 
 Two servers are shared by the module: ``open_server`` (no token; its alias never moves) and
-``guarded_server`` (a bearer token; its tests move the alias to good and broken versions and put it
-back). Each start imports torch and MLflow in a fresh process, so each starts once.
+``guarded_server`` (a bearer token; its tests move the alias to good, imputing and broken versions
+and put it back). Each start imports torch and MLflow in a fresh process, so each starts once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import math
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +32,20 @@ import pytest
 import requests
 
 from tests.conftest import REPO_ROOT, Candidate, candidate_store_uri
-from trackflow.config import load_params
-from trackflow.inputs import InputError, check_rows
+from trackflow.config import PreprocessConfig, ServeConfig, load_params
+from trackflow.inputs import InputError
 from trackflow.io import read_json, read_table
-from trackflow.packaging import log_packaged_model
-from trackflow.serving import TOKEN_VARIABLE, records_rows, split_rows
+from trackflow.packaging import Scorer, log_packaged_model
+from trackflow.preprocessing import build_preprocessor
+from trackflow.serving import (
+    TOKEN_VARIABLE,
+    ModelFollower,
+    ServeSettings,
+    _plain_numbers,
+    create_app,
+    records_rows,
+    split_rows,
+)
 from trackflow.tracking import Tracking, setup_tracking
 
 TOKEN = "test-token-0123"
@@ -149,16 +161,39 @@ def running_server(
             process.wait()
 
 
-def packaged_model(tracking: Tracking, candidate: Candidate, rows: pd.DataFrame) -> dict[str, Any]:
-    """Log a candidate as a packaged model; return the arguments that register it."""
+def packaged_model(
+    tracking: Tracking, candidate: Candidate, rows: pd.DataFrame, preprocessor: Path | None = None
+) -> dict[str, Any]:
+    """Log a candidate (with another preprocessor if given) as a packaged model; return the
+    arguments that register it."""
     files = candidate.files
     run_id = read_json(files["run"])["run_id"]
-    train = read_table(files["splits"] / "target_train.parquet").drop(columns="target")
     info = log_packaged_model(
-        tracking, run_id, files["preprocessor"], files["model"], files["detector"],
-        rows.head(5), train,
+        tracking, run_id, preprocessor or files["preprocessor"], files["model"],
+        files["detector"], rows.head(5), training_rows(candidate),
     )  # fmt: skip
     return {"source": info.model_uri, "run_id": run_id, "model_id": info.model_id}
+
+
+def training_rows(candidate: Candidate) -> pd.DataFrame:
+    return read_table(candidate.files["splits"] / "target_train.parquet").drop(columns="target")
+
+
+def imputing_preprocessor(candidate: Candidate, folder: Path) -> Path:
+    """The candidate's fitted preprocessor behind a median imputer fitted on its training rows.
+
+    On complete rows it answers as the candidate does; missing values get the training median,
+    as ``data.non_finite: impute`` makes the pipeline do.
+    """
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+
+    fitted = joblib.load(candidate.files["preprocessor"])
+    imputer = SimpleImputer(strategy="median", keep_empty_features=True)
+    imputer.set_output(transform="pandas").fit(training_rows(candidate))
+    path = folder / "imputing-preprocessor.joblib"
+    joblib.dump(Pipeline([("impute", imputer), *fitted.steps]).set_output(transform="pandas"), path)
+    return path
 
 
 def broken_copy(
@@ -176,11 +211,13 @@ def broken_copy(
 def registry(
     candidates: dict[str, Candidate], tmp_path_factory: pytest.TempPathFactory
 ) -> Registry:
-    """The good and weak candidates as packaged models, plus two broken copies of the good one.
+    """The good and weak candidates as packaged models, the good one with an imputer in front,
+    and two broken copies of the good one.
 
-    ``unloadable``: its network file is not a network, so it fails to load. ``failing``: it
-    loads, but its detector is the weak candidate's (fitted on a 4-wide embedding, not the good
-    network's 64), so every prediction fails.
+    ``imputing``: the good candidate whose preprocessor imputes missing values. ``unloadable``:
+    its network file is not a network, so it fails to load. ``failing``: it loads, but its
+    detector is the weak candidate's (fitted on a 4-wide embedding, not the good network's 64),
+    so every prediction fails.
     """
     uri = candidate_store_uri(next(iter(candidates.values())).folder.parent)
     good = candidates["good"]
@@ -197,6 +234,8 @@ def registry(
         sources = {
             kind: packaged_model(tracking, candidates[kind], rows) for kind in ("good", "weak")
         }
+        imputing = imputing_preprocessor(good, folder)
+        sources["imputing"] = packaged_model(tracking, good, rows, imputing)
         for kind, corrupt in corruptions.items():
             sources[kind] = broken_copy(sources["good"], folder / kind, corrupt)
     return Registry(tracking, uri, rows, sources)
@@ -221,10 +260,10 @@ def open_server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) ->
 def guarded_server(
     registry: Registry, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    """Token required; versions 1 good (champion), 2 weak, 3 unloadable, 4 failing."""
+    """Token required; versions 1 good (champion), 2 weak, 3 unloadable, 4 failing, 5 imputing."""
     name = "serving-guarded"
-    versions = registry.register(name, "good", "weak", "unloadable", "failing")
-    assert versions == ["1", "2", "3", "4"]
+    versions = registry.register(name, "good", "weak", "unloadable", "failing", "imputing")
+    assert versions == ["1", "2", "3", "4", "5"]
     registry.promote(name, "1")
     folder = tmp_path_factory.mktemp("guarded")
     with running_server(registry, name, folder, token=TOKEN, poll_s=POLL_S) as server:
@@ -531,26 +570,48 @@ def test_bad_input_gets_a_4xx_with_a_clear_message_and_no_traceback(
     assert "X-Model-Version" not in response.headers
 
 
+def checking_scorer(columns: list[str], imputes: bool) -> Scorer:
+    """A Scorer for checking rows only: the pipeline's steps (unfitted), no network."""
+    preprocessor = build_preprocessor(PreprocessConfig(), impute=imputes, seed=0)
+    return Scorer(preprocessor, network=None, detector={}, columns=columns, classes=[0, 1])
+
+
+@pytest.mark.parametrize("imputes", [False, True], ids=["not imputing", "imputing"])
 @pytest.mark.parametrize(
     "value",
     [0, 7, 2.5, 2**53, 2**60, 2**70, -(2**64), True, "3", None, float("nan"), -math.inf, [1]],
 )
-def test_rows_are_taken_and_refused_exactly_as_check_rows_does(value: Any) -> None:
-    """The JSON fast path takes no table that check_rows would refuse, and gives the same rows."""
+def test_rows_are_taken_and_refused_exactly_as_the_model_checks_them(
+    value: Any, imputes: bool
+) -> None:
+    """The JSON fast path takes no table Scorer.check would refuse, and gives the same rows."""
     columns = ["a", "b"]
-    records = [{"a": value, "b": 1.5}, {"b": 2.5, "a": 1}]
-    split = {"columns": columns, "data": [[value, 1.5], [1, 2.5]]}
-    for rows_of, body, frame in (
-        (records_rows, records, pd.DataFrame(records)),
-        (split_rows, split, pd.DataFrame(split["data"], columns=columns)),
-    ):
-        try:
-            expected = check_rows(frame, columns).to_numpy()
-        except InputError as exc:
-            with pytest.raises(InputError, match=re.escape(str(exc))):
-                rows_of(body, columns, MAX_ROWS)
-        else:
-            np.testing.assert_array_equal(rows_of(body, columns, MAX_ROWS), expected)
+    scorer = checking_scorer(columns, imputes)
+    assert scorer.imputes is imputes
+    for other in (1, value):  # the value in one cell; in the whole column
+        records = [{"a": value, "b": 1.5}, {"b": 2.5, "a": other}]
+        split = {"columns": columns, "data": [[value, 1.5], [other, 2.5]]}
+        for rows_of, body, frame in (
+            (records_rows, records, pd.DataFrame(records)),
+            (split_rows, split, pd.DataFrame(split["data"], columns=columns)),
+        ):
+            try:
+                expected = scorer.check(frame).to_numpy()
+            except InputError as exc:
+                with pytest.raises(InputError, match=re.escape(str(exc))):
+                    rows_of(body, scorer, MAX_ROWS)
+            else:
+                np.testing.assert_array_equal(rows_of(body, scorer, MAX_ROWS), expected)
+
+
+def test_missing_values_take_the_fast_path_only_for_a_model_that_imputes() -> None:
+    table = [[None, 1.5], [float("nan"), 2.5], [3, None]]
+
+    np.testing.assert_array_equal(
+        _plain_numbers(table, allow_missing=True), [[np.nan, 1.5], [np.nan, 2.5], [3.0, np.nan]]
+    )
+    assert _plain_numbers(table, allow_missing=False) is None
+    assert _plain_numbers([[math.inf, 1.5]], allow_missing=True) is None  # check_rows words it
 
 
 def test_unknown_routes_and_methods_answer_in_the_same_error_shape(open_server) -> None:
@@ -660,6 +721,56 @@ def test_a_promoted_version_takes_over_mid_stream_without_a_failed_request(
     assert len(answers) > 40
 
 
+@pytest.mark.slow
+def test_a_model_that_imputes_takes_missing_values_but_not_infinities(
+    guarded_server, registry
+) -> None:
+    before = current_version(guarded_server)
+    predictions = f"/models/{guarded_server.name}/predictions"
+    rows = registry.rows.head(4).astype(float)
+    rows.iloc[0, 3] = rows.iloc[1, 0] = rows.iloc[1, 9] = np.nan
+    expected = expected_predictions(registry, f"models:/{guarded_server.name}/5", rows)
+    records = [
+        {column: None if math.isnan(value) else value for column, value in record.items()}
+        for record in row_dicts(rows, len(rows))
+    ]
+    split = {"columns": list(rows.columns), "data": [list(record.values()) for record in records]}
+
+    registry.promote(guarded_server.name, "5")
+    try:
+        guarded_server.wait_for(
+            lambda: current_version(guarded_server) == "5", 2 * POLL_S + 10, "imputing version"
+        )
+        answers = {
+            "null": guarded_server.request("POST", predictions, json={"rows": records}),
+            "NaN": guarded_server.request(  # the literal Python's json writes
+                "POST", predictions, data=json.dumps({"rows": row_dicts(rows, len(rows))})
+            ),
+            "null in dataframe_split": guarded_server.request(
+                "POST", "/invocations", json={"dataframe_split": split}
+            ),
+        }
+        infinite = guarded_server.request(
+            "POST", predictions, data=with_cell(rows.fillna(0.0), "Infinity", 1, "pixel_2_2")
+        )
+    finally:
+        registry.promote(guarded_server.name, before)
+        guarded_server.wait_for(
+            lambda: current_version(guarded_server) == before, 2 * POLL_S + 10, "version back"
+        )
+
+    for form, answer in answers.items():
+        assert answer.status_code == 200, (form, answer.text)
+        assert answer.headers["X-Model-Version"] == "5"
+        got = answer.json()["predictions"]
+        labels = [p["label"] for p in got]
+        scores = [p["anomaly_score"] for p in got]
+        assert labels == expected["label"].tolist(), form
+        np.testing.assert_allclose(scores, expected["anomaly_score"], rtol=1e-5, err_msg=form)
+    assert infinite.status_code == 422
+    assert infinite.json()["message"] == "infinite values at row 1 column pixel_2_2"
+
+
 BROKEN = {  # version of guarded_server, start of the error it is refused with
     "unloadable": ("3", "UnpicklingError"),
     "failing its smoke prediction": ("4", "ValueError"),
@@ -721,3 +832,95 @@ def test_the_service_is_live_but_not_ready_until_a_champion_exists(
     assert f"cannot read models:/{name}@champion" in ready.json()["message"]
     assert early.status_code == 503 and early.headers["Retry-After"] == "1"
     assert late.status_code == 200 and late.headers["X-Model-Version"] == version
+
+
+class LockWhileLoading(logging.Handler):
+    """Holds an exclusive SQLite transaction on ``store`` from the moment the follower says it
+    is loading a version until it says it will retry: the alias read before succeeds, the load
+    meets a locked store (the register stage writing, as far as the service can tell)."""
+
+    def __init__(self, store: Path) -> None:
+        super().__init__()
+        self.connection = sqlite3.connect(store, isolation_level=None, check_same_thread=False)
+        self.locked = threading.Event()
+        self.released = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.endswith("loading it") and not self.locked.is_set():
+            self.connection.execute("BEGIN EXCLUSIVE")
+            self.locked.set()
+        elif "retrying at the next poll" in message and not self.released.is_set():
+            self.connection.execute("ROLLBACK")
+            self.released.set()
+
+
+@pytest.mark.slow
+def test_a_version_that_meets_a_locked_store_is_loaded_at_the_next_poll_not_refused(
+    registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At start-up: nothing serves yet, and a transient failure must not keep it that way."""
+    from mlflow import MlflowClient
+
+    store = tmp_path / "mlflow.db"  # a copy: the running servers poll the module's store
+    with (
+        closing(sqlite3.connect(registry.uri.removeprefix("sqlite:///"))) as source,
+        closing(sqlite3.connect(store)) as copy,
+    ):
+        source.backup(copy)
+    uri = f"sqlite:///{store}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # MLflow finds logged models by the global URI
+    tracking = Tracking(MlflowClient(uri), uri, registry.tracking.experiment_id)
+    copied = Registry(tracking, uri, registry.rows, registry.sources)
+    (version,) = copied.register("serving-locked", "good")
+    copied.promote("serving-locked", version)
+    follower = ModelFollower(tracking, "serving-locked", "champion", poll_interval_s=1.0)
+    lock = LockWhileLoading(store)
+    caplog.set_level(logging.INFO, logger="trackflow.serving")
+    logging.getLogger("trackflow.serving").addHandler(lock)
+    try:
+        follower.check()  # reads the alias, then meets the lock while loading
+        during = follower.describe()
+        follower.check()  # the next poll
+    finally:
+        logging.getLogger("trackflow.serving").removeHandler(lock)
+        lock.connection.close()
+    after = follower.describe()
+
+    assert lock.released.is_set()
+    assert during["version"] is None and during["refused"] == []
+    assert during["status"].startswith(
+        f"cannot load version {version} now, retrying at the next poll: MlflowException: "
+    )
+    assert "database is locked" in during["status"]
+    assert during["status"].endswith("; serving nothing")
+    retries = [r for r in caplog.records if "retrying at the next poll" in r.getMessage()]
+    assert [r.levelname for r in retries] == ["WARNING"]
+    assert after["version"] == version and after["refused"] == []
+    assert after["status"] == f"serving version {version}"
+
+
+def test_stopping_the_service_leaves_the_event_loop_free_while_a_load_finishes() -> None:
+    class StillLoading(ModelFollower):
+        """A follower whose check is loading a version when the service stops."""
+
+        def __init__(self) -> None:
+            super().__init__(None, "m", "champion", poll_interval_s=30.0)  # type: ignore[arg-type]
+            self.started, self.finished = threading.Event(), threading.Event()
+
+        def check(self) -> None:
+            self.started.set()
+            self.finished.wait(10)
+
+    follower = StillLoading()
+    app = create_app(follower, ServeSettings.from_config("m", ServeConfig(), token=None))
+
+    async def stop_while_loading() -> float:
+        async with app.router.lifespan_context(app):
+            await asyncio.to_thread(follower.started.wait, 10)
+            # Runs only if the loop is free while the follower's thread is joined:
+            asyncio.get_running_loop().call_later(0.2, follower.finished.set)
+            start = time.perf_counter()
+        return time.perf_counter() - start
+
+    assert asyncio.run(stop_while_loading()) < 5  # blocked: 10 s, until the load gave up

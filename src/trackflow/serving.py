@@ -12,13 +12,16 @@ Routes (JSON in and out; an error is ``{"error_code": ..., "message": ...}``, ne
 A :class:`ModelFollower` thread reads the alias every ``poll_interval_s``. A new version is loaded,
 smoke-tested on its input example and warmed up off the request path, then swapped in by one
 reference assignment: a request keeps the version it was checked against until it is answered,
-and every scored response names its version in ``X-Model-Version``. A version that fails any step
-is refused (reported on ``GET /models/NAME``, not retried) and the old one keeps serving.
+and every scored response names its version in ``X-Model-Version``. A version that fails through
+its own fault (it does not load, is not a trackflow model, or fails its smoke test) is refused
+(reported on ``GET /models/NAME``, not retried); a transient failure (a locked store, an artifact
+store out of reach) is retried at the next poll. Either way the old version keeps serving.
 
-Rows are checked as :func:`~trackflow.inputs.check_rows` checks them: plain JSON numbers under
-exactly the model's columns go straight to an array; anything else goes through ``check_rows``,
-which accepts or refuses it with its message. Concurrent requests are scored together
-(:class:`Batcher`): the packaged model costs about the same per call for 1 or 64 rows.
+Rows are checked as the model's :meth:`~trackflow.packaging.Scorer.check` checks them
+(:func:`~trackflow.inputs.check_rows`; NaN and ``null`` allowed if the model imputes): plain JSON
+numbers under exactly the model's columns go straight to an array; anything else goes through
+``Scorer.check``, which accepts or refuses it with its message. Concurrent requests are scored
+together (:class:`Batcher`): a call of the packaged model costs little more for 64 rows than for 1.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,10 +50,11 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from trackflow.errors import preview
-from trackflow.inputs import InputError, check_rows
-from trackflow.tracking import TAG_PREFIX
+from trackflow.inputs import InputError
+from trackflow.tracking import TAG_PREFIX, is_transient_error
 
 if TYPE_CHECKING:
+    from trackflow.config import ServeConfig
     from trackflow.packaging import Scorer
     from trackflow.tracking import Tracking
 
@@ -72,6 +76,7 @@ ERROR_CODES = {
     503: "NOT_READY",
 }
 _NUMBER_TYPES = frozenset((int, float))
+_NUMBER_OR_NULL_TYPES = frozenset((int, float, type(None)))
 _EXACT_INT = 2**53  # integers up to this are exact in float64
 _WARM_UP = "trackflow.warm_up"  # in the scope of the requests the app sends itself at start
 _WARM_UP_CALLS = 5
@@ -79,15 +84,31 @@ _WARM_UP_CALLS = 5
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """What the service serves, how often it reads the alias, and what it accepts."""
+    """What the service serves, how often it reads the alias, and what it accepts.
+
+    Built by :meth:`from_config` from the params' ``serve`` section, which holds the defaults.
+    """
 
     name: str
-    alias: str = "champion"
-    poll_interval_s: float = 10.0
-    max_rows: int = 1000
-    max_body_bytes: int = 16 * 2**20
-    token: str | None = None
-    access_log: bool = False
+    alias: str
+    poll_interval_s: float
+    max_rows: int
+    max_body_bytes: int
+    token: str | None
+    access_log: bool
+
+    @classmethod
+    def from_config(cls, name: str, config: ServeConfig, token: str | None) -> ServeSettings:
+        """Settings to serve registered model ``name`` as ``config`` says; ``token``: bearer."""
+        return cls(
+            name=name,
+            alias=config.alias,
+            poll_interval_s=config.poll_interval_s,
+            max_rows=config.max_rows,
+            max_body_bytes=int(config.max_body_mb * 2**20),
+            token=token or None,
+            access_log=config.access_log,
+        )
 
 
 class RequestError(Exception):
@@ -123,15 +144,17 @@ def parse_json(body: bytes) -> Any:
         raise RequestError(400, "malformed JSON: nested too deeply") from None
 
 
-def prediction_rows(body: bytes, columns: Sequence[str], max_rows: int) -> np.ndarray:
+def prediction_rows(body: bytes, scorer: Scorer, max_rows: int) -> np.ndarray:
     """Rows of ``POST /models/NAME/predictions``: ``{"rows": [{column: number, ...}, ...]}``.
 
     Returns:
-        The checked rows, float64 of shape (n_rows, n_features), in the model's column order.
+        The rows as ``scorer`` checks them: float64 of shape (n_rows, n_features), in the model's
+        column order.
 
     Raises:
         RequestError: Malformed JSON (400) or more than ``max_rows`` rows (413).
-        InputError: Anything else that does not fit the model (422), with ``check_rows``'s message.
+        InputError: Anything else that does not fit the model (422), with ``Scorer.check``'s
+            message.
     """
     payload = parse_json(body)
     if not isinstance(payload, dict) or set(payload) != {"rows"}:
@@ -139,12 +162,10 @@ def prediction_rows(body: bytes, columns: Sequence[str], max_rows: int) -> np.nd
             'the body must be a JSON object {"rows": [{column: number, ...}, ...]} and nothing '
             f"else, got {_describe_json(payload)}"
         )
-    return records_rows(payload["rows"], columns, max_rows)
+    return records_rows(payload["rows"], scorer, max_rows)
 
 
-def invocation_rows(
-    body: bytes, media_type: str, columns: Sequence[str], max_rows: int
-) -> np.ndarray:
+def invocation_rows(body: bytes, media_type: str, scorer: Scorer, max_rows: int) -> np.ndarray:
     """Rows of ``POST /invocations`` in any of MLflow's formats: JSON or CSV.
 
     JSON holds exactly one of ``dataframe_split`` (``{"columns", "data"}``),
@@ -152,7 +173,7 @@ def invocation_rows(
     columns); a ``params`` key is ignored (the model takes none).
     """
     if media_type == "text/csv":
-        return csv_rows(body, columns, max_rows)
+        return csv_rows(body, scorer, max_rows)
     if media_type != "application/json":
         raise RequestError(
             415, f"send JSON (Content-Type: application/json) or CSV (text/csv), got {media_type}"
@@ -166,20 +187,20 @@ def invocation_rows(
         )
     data = payload[keys[0]]
     if keys[0] == "dataframe_split":
-        return split_rows(data, columns, max_rows)
+        return split_rows(data, scorer, max_rows)
     if isinstance(data, dict):  # {column: [values]}
-        return _checked(_frame(data, None, keys[0]), columns, max_rows)
-    return records_rows(data, columns, max_rows)
+        return _checked(_frame(data, None, keys[0]), scorer, max_rows)
+    return records_rows(data, scorer, max_rows)
 
 
-def records_rows(records: Any, columns: Sequence[str], max_rows: int) -> np.ndarray:
+def records_rows(records: Any, scorer: Scorer, max_rows: int) -> np.ndarray:
     """Rows given as a list of objects ``{column: number}``, checked, in the model's order."""
     if not isinstance(records, list):
         raise InputError(f"rows must be a list of objects, got {_describe_json(records)}")
     _require_rows(len(records), max_rows)
-    expected = set(columns)
+    columns, expected = scorer.columns, set(scorer.columns)
     if all(type(row) is dict and row.keys() == expected for row in records):
-        values = _plain_numbers([[row[c] for c in columns] for row in records])
+        values = _plain_numbers([[row[c] for c in columns] for row in records], scorer.imputes)
         if values is not None:
             return values
     for number, row in enumerate(records):
@@ -195,10 +216,10 @@ def records_rows(records: Any, columns: Sequence[str], max_rows: int) -> np.ndar
                 f"{preview(c for c in row if c not in records[0]) or 'none'}); every row must "
                 "have the same columns"
             )
-    return _checked(pd.DataFrame(records), columns, max_rows)
+    return _checked(pd.DataFrame(records), scorer, max_rows)
 
 
-def split_rows(split: Any, columns: Sequence[str], max_rows: int) -> np.ndarray:
+def split_rows(split: Any, scorer: Scorer, max_rows: int) -> np.ndarray:
     """Rows given as ``{"columns": [...], "data": [[...], ...]}`` (pandas' ``orient="split"``)."""
     if not isinstance(split, dict) or not isinstance(split.get("data"), list):
         raise InputError(
@@ -207,49 +228,61 @@ def split_rows(split: Any, columns: Sequence[str], max_rows: int) -> np.ndarray:
         )
     data = split["data"]
     _require_rows(len(data), max_rows)
-    width = len(columns)
-    if split.get("columns") == list(columns) and all(
+    width = len(scorer.columns)
+    if split.get("columns") == list(scorer.columns) and all(
         type(row) is list and len(row) == width for row in data
     ):
-        values = _plain_numbers(data)
+        values = _plain_numbers(data, scorer.imputes)
         if values is not None:
             return values
     frame = _frame(data, split.get("columns"), "dataframe_split")
-    return _checked(frame, columns, max_rows)
+    return _checked(frame, scorer, max_rows)
 
 
-def csv_rows(body: bytes, columns: Sequence[str], max_rows: int) -> np.ndarray:
+def csv_rows(body: bytes, scorer: Scorer, max_rows: int) -> np.ndarray:
     """Rows given as CSV with a header line."""
     try:
         frame = pd.read_csv(io.BytesIO(body))
     except (ValueError, UnicodeDecodeError) as exc:  # pandas' parser errors are ValueErrors
         raise RequestError(400, f"malformed CSV: {exc}") from None
-    return _checked(frame, columns, max_rows)
+    return _checked(frame, scorer, max_rows)
 
 
-def _plain_numbers(table: list[list[Any]]) -> np.ndarray | None:
+def _plain_numbers(table: list[list[Any]], allow_missing: bool) -> np.ndarray | None:
     """``table`` as float64 if it holds finite JSON numbers only, else None.
 
-    Such a table is one ``check_rows`` takes as it is; anything else goes to ``check_rows``,
-    which decides and words the refusal.
+    With ``allow_missing`` (a model that imputes), ``null`` and NaN are taken too, as NaN, unless
+    a column holds nothing but ``null`` (pandas makes that a column of objects, which
+    ``check_rows`` refuses). Such a table is one ``check_rows`` takes as it is; anything else
+    goes to ``check_rows``, which decides and words the refusal.
     """
     kinds = set(map(type, itertools.chain.from_iterable(table)))
-    if not kinds <= _NUMBER_TYPES:
+    if not kinds <= (_NUMBER_OR_NULL_TYPES if allow_missing else _NUMBER_TYPES):
         return None
     if int in kinds and not all(  # huge integers: let pandas and check_rows judge them
         abs(v) <= _EXACT_INT for v in itertools.chain.from_iterable(table) if type(v) is int
     ):
         return None
     try:
-        values = np.array(table, dtype=np.float64)
+        values = np.array(table, dtype=np.float64)  # null -> NaN
     except ValueError:  # ragged rows
         return None
-    return values if np.isfinite(values).all() else None
+    if not allow_missing:
+        return values if np.isfinite(values).all() else None
+    if np.isinf(values).any() or (type(None) in kinds and _null_column(table, values)):
+        return None
+    return values
 
 
-def _checked(frame: pd.DataFrame, columns: Sequence[str], max_rows: int) -> np.ndarray:
+def _null_column(table: list[list[Any]], values: np.ndarray) -> bool:
+    """Whether a column of ``table`` (``values`` as floats) holds nothing but ``null``."""
+    empty = np.flatnonzero(np.isnan(values).all(axis=0))
+    return any(all(row[column] is None for row in table) for column in empty)
+
+
+def _checked(frame: pd.DataFrame, scorer: Scorer, max_rows: int) -> np.ndarray:
     _require_rows(len(frame), max_rows)
-    return check_rows(frame, columns).to_numpy()
+    return scorer.check(frame).to_numpy()
 
 
 def _frame(data: Any, names: Any, source: str) -> pd.DataFrame:
@@ -350,13 +383,13 @@ class ServedModel:
         """
         if not isinstance(example, pd.DataFrame) or example.empty:
             raise RefusedVersion("it has no input example (a table of rows) to smoke-test it on")
-        rows = check_rows(example, self.columns)
+        rows = self.scorer.check(example)
         bodies = [
             orjson.dumps({"rows": rows.head(n).to_dict(orient="records")}) for n in (1, len(rows))
         ]
         for _ in range(_WARM_UP_CALLS):
             for body in bodies:
-                values = prediction_rows(body, self.columns, len(rows))
+                values = prediction_rows(body, self.scorer, len(rows))
                 records = self.score(values)
                 orjson.dumps({"predictions": self.predictions(records)})
         proba = np.array([[r[key] for _, key in self._probabilities] for r in records])
@@ -377,7 +410,11 @@ def load_version(tracking: Tracking, name: str, version: str) -> ServedModel:
     """Download, load and smoke-test (which warms up) one registered version.
 
     Raises:
-        Exception: Anything that stops it; the version cannot be served.
+        RefusedVersion: It is not a trackflow packaged model, or its smoke test gives answers
+            that are not probabilities.
+        Exception: Anything else that stops it: the version's own fault (it does not unpickle,
+            its smoke prediction fails), or a transient one (a locked store, an artifact store
+            out of reach; see :func:`is_transient_failure`).
     """
     import mlflow.pyfunc
 
@@ -421,6 +458,8 @@ class ModelFollower:
 
     ``current`` is the served model (None until one is ready). :meth:`start` runs :meth:`check`
     on a thread now and every ``poll_interval_s``; loading happens there, off the request path.
+    A version that fails through its own fault is refused until restart; one that fails on a
+    passing fault (:func:`is_transient_failure`) is tried again at the next poll.
     """
 
     def __init__(self, tracking: Tracking, name: str, alias: str, poll_interval_s: float) -> None:
@@ -457,6 +496,10 @@ class ModelFollower:
         try:
             served = load_version(self.tracking, self.name, version)
         except Exception as exc:
+            if is_transient_failure(exc):  # not the version's fault: try it again next poll
+                self._report(self._retrying(version, exc), logging.WARNING)
+                log.debug("why version %s could not be loaded", version, exc_info=True)
+                return
             self.refused[version] = {"version": version, "error": _message(exc), "at": _now()}
             self._report(self._refusal(version))
             log.debug("why version %s was refused", version, exc_info=True)
@@ -505,13 +548,32 @@ class ModelFollower:
                 return
 
     def _refusal(self, version: str) -> str:
-        keeping = f"version {self.current.version}" if self.current else "nothing"
-        return f"refused version {version}: {self.refused[version]['error']}; serving {keeping}"
+        return f"refused version {version}: {self.refused[version]['error']}; {self._keeping()}"
+
+    def _retrying(self, version: str, exc: Exception) -> str:
+        return (
+            f"cannot load version {version} now, retrying at the next poll: {_message(exc)}; "
+            f"{self._keeping()}"
+        )
+
+    def _keeping(self) -> str:
+        return f"serving {f'version {self.current.version}' if self.current else 'nothing'}"
 
     def _report(self, status: str, level: int = logging.ERROR) -> None:
         if status != self.status:  # once per change, not once per poll
             log.log(level, "%s", status)
         self.status = status
+
+
+def is_transient_failure(exc: Exception) -> bool:
+    """Whether loading a version failed on a passing fault rather than through its own fault.
+
+    Transient: the error's text bears a sign of a busy or unreachable store
+    (:func:`~trackflow.tracking.is_transient_error`). A :class:`RefusedVersion` or an
+    :class:`~trackflow.inputs.InputError` (its smoke test) never is; anything else (it does not
+    unpickle or import, its prediction fails) is the version's own fault too.
+    """
+    return not isinstance(exc, RefusedVersion | InputError) and is_transient_error(str(exc))
 
 
 def _message(exc: BaseException) -> str:
@@ -600,7 +662,7 @@ def create_app(follower: ModelFollower, settings: ServeSettings) -> FastAPI:
         await _warm_routes(app, follower.name, settings.token)
         follower.start()
         yield
-        follower.stop()
+        await asyncio.to_thread(follower.stop)  # joins the follower's thread: not in the loop
 
     app = FastAPI(
         title="trackflow", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
@@ -652,7 +714,7 @@ def create_app(follower: ModelFollower, settings: ServeSettings) -> FastAPI:
         if (media_type := _media_type(request)) != "application/json":
             raise RequestError(415, f"send the rows as JSON (application/json), got {media_type}")
         body = await _read_body(request, settings.max_body_bytes)
-        values = prediction_rows(body, served.columns, settings.max_rows)
+        values = prediction_rows(body, served.scorer, settings.max_rows)
         records = await batcher.score(served, values)
         payload = {"model": {"name": served.name, "version": served.version}}
         return _json(payload | {"predictions": served.predictions(records)}, served.version)
@@ -661,7 +723,7 @@ def create_app(follower: ModelFollower, settings: ServeSettings) -> FastAPI:
     async def invocations(request: Request) -> Response:
         served = served_model()
         body = await _read_body(request, settings.max_body_bytes)
-        values = invocation_rows(body, _media_type(request), served.columns, settings.max_rows)
+        values = invocation_rows(body, _media_type(request), served.scorer, settings.max_rows)
         return _json({"predictions": await batcher.score(served, values)}, served.version)
 
     _add_error_handlers(app)

@@ -55,19 +55,11 @@ def run(args: argparse.Namespace) -> None:
     }
     overrides = {f"serve.{k}": v for k, v in options.items() if v is not None}
     params = load_params(args.params, overrides)  # a bad option fails like a bad param
-    config = params.serve
-    settings = ServeSettings(
-        name=args.model_name or params.model.name,
-        alias=config.alias,
-        poll_interval_s=config.poll_interval_s,
-        max_rows=config.max_rows,
-        max_body_bytes=int(config.max_body_mb * 2**20),
-        token=os.environ.get(TOKEN_VARIABLE) or None,
-        access_log=config.access_log,
-    )
+    name = args.model_name or params.model.name
+    settings = ServeSettings.from_config(name, params.serve, os.environ.get(TOKEN_VARIABLE))
     _use_one_thread()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a log, not a terminal
-    serve(setup_tracking(params.base.mlflow), settings, config.host, config.port)
+    serve(setup_tracking(params.base.mlflow), settings, params.serve.host, params.serve.port)
 
 
 def _use_one_thread() -> None:
