@@ -216,3 +216,19 @@ def candidate_store(
     root = next(iter(candidates.values())).folder.parent
     monkeypatch.setenv("MLFLOW_TRACKING_URI", candidate_store_uri(root))
     return "m-" + "".join(c if c.isalnum() else "-" for c in request.node.name)[:60]
+
+
+def imputing_twin(scorer: Any, rows: Any) -> Any:
+    """A Scorer like ``scorer`` whose preprocessor, fitted on ``rows``, imputes missing values."""
+    from trackflow.config import PreprocessConfig
+    from trackflow.packaging import Scorer
+    from trackflow.preprocessing import fit_preprocessor
+
+    config = PreprocessConfig(pca={"n_components": scorer.preprocessor[-1].n_components_})
+    return Scorer(
+        preprocessor=fit_preprocessor(rows, config, impute=True, seed=0),
+        network=scorer.network,
+        detector=scorer.detector,
+        columns=scorer.columns,
+        classes=scorer.classes,
+    )

@@ -178,25 +178,13 @@ def test_a_model_that_does_not_exist_is_a_config_error(champion) -> None:
 
 
 def test_a_model_that_imputes_scores_a_batch_with_missing_values(champion, candidates) -> None:
-    from trackflow.config import PreprocessConfig
-    from trackflow.packaging import Scorer
-    from trackflow.preprocessing import fit_preprocessor
+    from tests.conftest import imputing_twin
 
     tracking, name, _ = champion
     model = load_model(tracking, f"models:/{name}@champion")
     base = model.scorer
-    config = PreprocessConfig(pca={"n_components": base.preprocessor[-1].n_components_})
     train = raw_rows(candidates["good"], "train").drop(columns="target")
-    imputing = replace(
-        model,
-        scorer=Scorer(
-            preprocessor=fit_preprocessor(train, config, impute=True, seed=0),
-            network=base.network,
-            detector=base.detector,
-            columns=base.columns,
-            classes=base.classes,
-        ),
-    )
+    imputing = replace(model, scorer=imputing_twin(base, train))
     rows = raw_rows(candidates["good"], "test").drop(columns="target")
     rows.iloc[::5, 10] = np.nan
     result = score_batch(rows, imputing)

@@ -220,20 +220,12 @@ def test_mlflow_models_serve_answers_invocations(champion, tmp_path) -> None:
 
 
 def test_a_model_that_imputes_scores_missing_values_and_still_refuses_infinities(champion) -> None:
-    from trackflow.config import PreprocessConfig
-    from trackflow.preprocessing import fit_preprocessor
+    from tests.conftest import imputing_twin
 
     base = champion["scorer"]
     rows = champion["rows"].copy()
     rows.iloc[::7, 3] = np.nan
-    config = PreprocessConfig(pca={"n_components": base.preprocessor[-1].n_components_})
-    imputing = Scorer(
-        preprocessor=fit_preprocessor(rows, config, impute=True, seed=0),
-        network=base.network,
-        detector=base.detector,
-        columns=base.columns,
-        classes=base.classes,
-    )
+    imputing = imputing_twin(base, rows)
     assert imputing.imputes and not base.imputes
     scored = imputing.predict(rows)
     assert len(scored) == len(rows) and scored["anomaly_score"].notna().all()
