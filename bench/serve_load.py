@@ -266,6 +266,7 @@ def print_model_costs(tracking_uri: str, name: str, rows: list[dict[str, float]]
     from trackflow.tracking import Tracking
 
     torch.set_num_threads(1)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # as trackflow serve
     client = MlflowClient(tracking_uri)
     version = client.get_model_version_by_alias(name, "champion").version
     served = load_version(Tracking(client, tracking_uri, ""), name, version)
