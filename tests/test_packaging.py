@@ -238,3 +238,10 @@ def test_a_model_that_imputes_scores_missing_values_and_still_refuses_infinities
 def test_scoring_leaves_the_fitted_preprocessor_as_it_was(champion) -> None:
     rows = champion["rows"].head(3)
     assert isinstance(champion["scorer"].preprocessor.transform(rows), pd.DataFrame)
+
+
+def test_a_model_that_imputes_takes_a_column_of_nulls() -> None:
+    rows = pd.DataFrame({"a": [None], "b": [1.0]})
+    assert check_rows(rows, ["a", "b"], allow_nan=True)["a"].isna().all()
+    with pytest.raises(InputError, match="non-numeric columns: a"):
+        check_rows(rows, ["a", "b"])
