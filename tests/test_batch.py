@@ -57,6 +57,11 @@ def champion(candidates: dict[str, Candidate], candidate_store: str) -> tuple[Tr
     return tracking, candidate_store, version
 
 
+def score_argv(batch: Path, params: Path, name: str) -> list[str]:
+    """``trackflow score`` of ``batch`` with the champion of ``name``."""
+    return ["score", str(batch), "--params", str(params), "--model", f"models:/{name}@champion"]
+
+
 def test_a_good_batch_gets_scores_next_to_it_and_an_mlflow_run(
     champion, candidates, write_params, tmp_path: Path
 ) -> None:
@@ -65,14 +70,7 @@ def test_a_good_batch_gets_scores_next_to_it_and_an_mlflow_run(
     rows = raw_rows(candidates["good"], "test")
     rows.reset_index().to_csv(batch, index=False)  # row_id and target pass through
 
-    argv = [
-        "score",
-        str(batch),
-        "--params",
-        str(write_params()),
-        "--model",
-        f"models:/{name}@champion",
-    ]
+    argv = score_argv(batch, write_params(), name)
     assert cli(argv) == 0
 
     scored_path, report_path = output_paths(batch)
@@ -145,14 +143,7 @@ def test_bad_batches_fail_with_a_clear_message_and_write_nothing(
         frame.to_csv(batch, index=False)
         with pytest.raises(InputError, match=message):
             score_batch(read_batch(batch), model)
-    argv = [
-        "score",
-        str(batch),
-        "--params",
-        str(write_params()),
-        "--model",
-        f"models:/{name}@champion",
-    ]
+    argv = score_argv(batch, write_params(), name)
     assert cli(argv) == 3  # through the command line: a data error's exit status
     assert "have the names of output columns" in capsys.readouterr().err
     assert {path: path.read_bytes() for path in output_paths(batch)} == before  # untouched
