@@ -167,3 +167,27 @@ def test_cnn_needs_image_shaped_features() -> None:
 def test_saved_detector_must_be_one_that_is_fitted() -> None:
     with pytest.raises(ConfigError, match="detector 'knn' is not among detectors"):
         validate_params({"anomaly": {"detectors": ["mahalanobis"], "detector": "knn"}})
+
+
+def test_cli_check_says_the_file_is_valid(write_params, capsys) -> None:
+    path = write_params()
+    assert cli(["params", "--check", "--params", str(path)]) == 0
+    assert capsys.readouterr().out == f"{path} is valid\n"
+
+
+def test_cli_check_refuses_a_misspelt_section_with_exit_code_2(write_params, capsys) -> None:
+    path = write_params({"trian.lr": 0.01})  # a typo of `train:` beside the real section
+    assert cli(["params", "--check", "--params", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"error: {path} is invalid:\n  unknown key 'trian'")
+    assert "(did you mean 'train'?)" in captured.err
+
+
+def test_new_data_params_have_their_choices(write_params) -> None:
+    params = load_params(write_params({"data.separator": "\t", "data.index_column": "keep"}))
+    assert (params.data.separator, params.data.index_column) == ("\t", "keep")
+    with pytest.raises(ConfigError, match=r"data\.separator"):
+        validate_params({"data": {"separator": ":"}})
+    with pytest.raises(ConfigError, match=r"data\.index_column"):
+        validate_params({"data": {"index_column": "refuse"}})

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -98,7 +99,11 @@ BAD_INPUTS = {
     "NaN in a feature": (_with("a", [np.nan] + [1.0] * 29), "1 NaN/inf values in features a"),
     "inf in a feature": (_with("c", [np.inf] * 2 + [1.0] * 28), "2 NaN/inf values in features c"),
     "missing label": (_with("label", [np.nan] + [1.0] * 29), "1 rows have no label"),
-    "single class": (_with("label", 0), "holds a single class"),
+    "single class": (_with("label", 0), r"holds a single class \(0\);"),
+    "text cell": (
+        _with("b", ["10.0"] * 5 + ["abc"] + ["1"] * 24),
+        r"not numeric: b \(b holds 'abc' in data row 6\)",
+    ),
     "duplicate column names": ("a,a,label\n1,2,0\n3,4,1\n", r"duplicate column names \['a'\]"),
     "no feature columns": (tiny_table()[["label"]], "no feature columns"),
     "malformed parquet": ("not parquet at all", "not a readable Parquet file"),
@@ -177,3 +182,81 @@ def test_module_entry_point_exits_non_zero_without_a_traceback(write_params, tmp
     assert result.returncode == 3
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_csv_saved_with_pandas_index_drops_it_with_a_warning(
+    write_params, tmp_path, caplog
+) -> None:
+    load_bundled("digits").to_csv(tmp_path / "indexed.csv")  # index included: "Unnamed: 0"
+    assert run_ingest(write_params, tmp_path, source=str(tmp_path / "indexed.csv")) == 0
+    profile = read_json(tmp_path / "out/profile.json")
+    assert profile["n_features"] == 64
+    assert profile["digest"] == table_digest(read_table(tmp_path / "out/dataset.parquet"))
+    assert "dropped the first column 'Unnamed: 0'" in caplog.text
+    assert "data.index_column: keep" in caplog.text
+    assert run_ingest(write_params, tmp_path) == 0  # the bundled table: the same canonical data
+    assert profile["digest"] == read_json(tmp_path / "out/profile.json")["digest"]
+
+
+def test_a_reset_index_column_of_row_numbers_is_dropped_too(write_params, tmp_path) -> None:
+    tiny_table().reset_index().to_csv(tmp_path / "t.csv", index=False)  # column "index": 0..n-1
+    assert (
+        run_ingest(write_params, tmp_path, source=str(tmp_path / "t.csv"), label_column="label")
+        == 0
+    )
+    assert list(read_table(tmp_path / "out/dataset.parquet").columns) == ["a", "b", "c", "label"]
+
+
+def test_a_named_first_column_is_a_feature(write_params, tmp_path) -> None:
+    frame = tiny_table().rename(columns={"a": "index"})  # named "index" but not row numbers
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    assert (
+        run_ingest(write_params, tmp_path, source=str(tmp_path / "t.csv"), label_column="label")
+        == 0
+    )
+    assert read_table(tmp_path / "out/dataset.parquet").columns[0] == "index"
+
+
+def test_index_column_policy_keep_or_fail(write_params, tmp_path, capsys) -> None:
+    tiny_table().to_csv(tmp_path / "t.csv")
+    source = {"source": str(tmp_path / "t.csv"), "label_column": "label"}
+    assert run_ingest(write_params, tmp_path, **source, index_column="fail") == 3
+    err = capsys.readouterr().err
+    assert "the first column 'Unnamed: 0' looks like a saved row index" in err
+    assert "index=False" in err and "data.index_column" in err
+    assert not (tmp_path / "out").exists()
+    assert run_ingest(write_params, tmp_path, **source, index_column="keep") == 0
+    table = read_table(tmp_path / "out/dataset.parquet")
+    assert list(table.columns) == ["Unnamed: 0", "a", "b", "c", "label"]
+    assert table["Unnamed: 0"].tolist() == list(range(30))
+
+
+@pytest.mark.parametrize("separator", [";", "\t", "|"])
+def test_a_csv_with_another_separator_is_named_in_a_short_message(
+    write_params, tmp_path, capsys, separator
+) -> None:
+    path = tmp_path / "digits.csv"
+    load_bundled("digits").to_csv(path, sep=separator, index=False)
+    assert run_ingest(write_params, tmp_path, source=str(path)) == 3
+    err = capsys.readouterr().err
+    expected = json.dumps(separator)
+    assert f'fields look separated by {expected}, not ","' in err
+    assert f"Set data.separator: {expected} in params.yaml" in err
+    assert len(err) < 300 and err.count("\n") == 1, err
+    assert run_ingest(write_params, tmp_path, source=str(path), separator=separator) == 0
+    from_file = read_json(tmp_path / "out/profile.json")["digest"]
+    assert run_ingest(write_params, tmp_path) == 0
+    assert from_file == read_json(tmp_path / "out/profile.json")["digest"]
+
+
+def test_a_missing_label_among_many_long_columns_gives_a_short_message(
+    write_params, tmp_path, capsys
+) -> None:
+    frame = pd.DataFrame(
+        {f"feature_with_a_rather_long_name_{i:03d}_" * 3: [1.0, 2.0] for i in range(50)}
+    )
+    frame.to_csv(tmp_path / "wide.csv", index=False)
+    assert run_ingest(write_params, tmp_path, source=str(tmp_path / "wide.csv")) == 3
+    err = capsys.readouterr().err
+    assert "label column 'target' is not in the table" in err and "(50 in all)" in err
+    assert len(err) < 600, err

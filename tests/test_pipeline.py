@@ -15,8 +15,6 @@ from tests.conftest import copy_project
 from trackflow.config import set_dotted
 from trackflow.io import read_json
 
-pytestmark = pytest.mark.slow
-
 STAGES = ("ingest", "split", "preprocess", "pretrain", "train", "evaluate", "anomaly", "register")
 FAST = {  # the pipeline's wiring, not its accuracy
     "pretrain.max_epochs": 2,
@@ -40,13 +38,17 @@ OUTPUTS = (
 )
 
 
-def sh(*args: str, cwd: Path) -> str:
-    """Run a command with the test interpreter's environment first on PATH; return its output."""
+def sh(*args: str, cwd: Path, fails: bool = False) -> str:
+    """Run a command with the test interpreter's environment first on PATH; return its output.
+
+    It must succeed, or with ``fails`` exit non-zero.
+    """
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI")  # the stages use the params' store, inside the repository
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert (result.returncode != 0) == fails, f"{' '.join(args)}: {result.returncode}\n{output}"
+    return output
 
 
 def ran(output: str) -> list[str]:
@@ -74,6 +76,7 @@ def repo(tmp_path: Path) -> Path:
     return repo
 
 
+@pytest.mark.slow
 def test_repro_skips_unchanged_stages_and_reruns_from_what_changed(repo: Path) -> None:
     assert ran(sh("dvc", "repro", cwd=repo)) == list(STAGES)
     assert all((repo / path).exists() for path in OUTPUTS)
@@ -82,6 +85,13 @@ def test_repro_skips_unchanged_stages_and_reruns_from_what_changed(repo: Path) -
     again = sh("dvc", "repro", cwd=repo)
     assert ran(again) == [] and "Data and pipelines are up to date" in again
 
+    valid = (repo / "params.yaml").read_text()
+    edit_params(repo, {"trian.lr": 0.1})  # a misspelt section: no stage lists its keys
+    refused = sh("dvc", "repro", cwd=repo, fails=True)
+    assert "unknown key 'trian' (did you mean 'train'?)" in refused and ran(refused) == []
+    (repo / "params.yaml").write_text(valid)
+    assert ran(sh("dvc", "repro", cwd=repo)) == []
+
     edit_params(repo, {"preprocess.pca.n_components": 8})
     assert ran(sh("dvc", "repro", cwd=repo)) == list(STAGES[2:])
     assert read_json(repo / "metrics/preprocess.json")["n_components"] == 8
@@ -89,6 +99,7 @@ def test_repro_skips_unchanged_stages_and_reruns_from_what_changed(repo: Path) -
     assert '"n_components": 8' in metrics
 
 
+@pytest.mark.slow
 def test_push_then_pull_restores_the_data_in_a_fresh_clone(repo: Path, tmp_path: Path) -> None:
     sh("dvc", "repro", cwd=repo)
     sh("git", "add", "-A", cwd=repo)
@@ -105,6 +116,7 @@ def test_push_then_pull_restores_the_data_in_a_fresh_clone(repo: Path, tmp_path:
     assert "up to date" in sh("dvc", "status", cwd=clone)
 
 
+@pytest.mark.slow
 def test_a_users_csv_runs_through_by_changing_params_only(repo: Path) -> None:
     sh("trackflow", "example-data", "breast_cancer", "data/raw/breast_cancer.csv", cwd=repo)
     sh("dvc", "add", "data/raw/breast_cancer.csv", cwd=repo)
@@ -131,6 +143,7 @@ def test_a_users_csv_runs_through_by_changing_params_only(repo: Path) -> None:
     assert "source_classes" not in read_json(repo / "metrics/anomaly.json")["knn"]
 
 
+@pytest.mark.slow
 def test_repro_registers_a_champion_with_its_lineage_and_a_worse_experiment_is_not_promoted(
     repo: Path,
 ) -> None:
@@ -155,3 +168,26 @@ def test_repro_registers_a_champion_with_its_lineage_and_a_worse_experiment_is_n
     assert worse["version"] == "2" and not worse["promoted"] and worse["champion"] == "1"
     history = sh("trackflow", "history", "--format", "json", cwd=repo)
     assert [e["action"] for e in json.loads(history)][-1] == "reject"
+
+
+def test_a_refused_stage_says_dvc_deleted_its_outputs_and_how_to_restore_them(repo: Path) -> None:
+    assert ran(sh("dvc", "repro", "ingest", cwd=repo)) == ["ingest"]
+    good = (repo / "data/ingested/dataset.parquet").read_bytes()
+
+    edit_params(repo, {"data.source": "data/raw/absent.csv"})
+    refused = sh("dvc", "repro", "ingest", cwd=repo, fails=True)
+    (error,) = [line for line in refused.splitlines() if line.startswith("error: ")]
+    assert "data file 'data/raw/absent.csv' does not exist" in error
+    assert "DVC deleted stage ingest's outputs before running it" in error
+    assert "`dvc checkout ingest` restores its last good outputs from DVC's cache" in error
+    assert not (repo / "data/ingested").exists()  # what DVC does before running a stage
+
+    sh("dvc", "checkout", "ingest", cwd=repo)
+    assert (repo / "data/ingested/dataset.parquet").read_bytes() == good
+
+
+def test_a_misspelt_section_fails_the_params_stage(repo: Path) -> None:
+    edit_params(repo, {"trian.lr": 0.1})
+    refused = sh("dvc", "repro", "params", cwd=repo, fails=True)
+    assert "unknown key 'trian' (did you mean 'train'?)" in refused
+    assert "DVC deleted" not in refused  # the check has no outputs

@@ -43,7 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         "params", help="validate the params file and print it with defaults filled in"
     )
     add_params_argument(params)
-    params.add_argument("--schema", action="store_true", help="print the JSON schema instead")
+    shown = params.add_mutually_exclusive_group()
+    shown.add_argument("--schema", action="store_true", help="print the JSON schema instead")
+    shown.add_argument(
+        "--check",
+        action="store_true",
+        help="only validate the whole file: exit 0 if valid, 2 with what is wrong otherwise",
+    )
     params.set_defaults(handler=_show_params)
 
     example = commands.add_parser(
@@ -78,6 +84,9 @@ def _show_params(args: argparse.Namespace) -> None:
     import yaml
 
     params = load_params(args.params)
+    if args.check:
+        print(f"{args.params} is valid")
+        return
     print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), end="")
 
 

@@ -73,6 +73,14 @@ class DataConfig(_Section):
         f"({', '.join(BUILTIN_DATASETS)}), or a path to a .csv or .parquet file.",
     )
     label_column: str = Field("target", min_length=1, description="Column holding the class.")
+    separator: Literal[",", ";", "\t", "|"] = Field(
+        ",", description='Field separator of a CSV source (a tab is written "\\t" in YAML).'
+    )
+    index_column: Literal["drop", "keep", "fail"] = Field(
+        "drop",
+        description="A first column with no name (pandas' row index, saved by `to_csv` without "
+        "`index=False`): 'drop' it with a warning, 'keep' it as a feature, or 'fail'.",
+    )
     non_finite: Literal["fail", "impute"] = Field(
         "fail",
         description="NaN/inf in features: 'fail' stops ingest; 'impute' replaces them with the "

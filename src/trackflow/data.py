@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import difflib
 import hashlib
+import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,14 @@ import numpy as np
 import pandas as pd
 
 from trackflow.config import BUILTIN_DATASETS, DataConfig
-from trackflow.errors import DataError, preview
+from trackflow.errors import DataError, plain, preview, shorten
 
 log = logging.getLogger(__name__)
 
 BUILTIN_LABEL_COLUMN = "target"
+SEPARATORS = (",", ";", "\t", "|")
+# pandas names a column with a blank header cell "Unnamed: <position>" ("Unnamed: 0.1" if taken)
+_UNNAMED_FIRST = re.compile(r"(Unnamed: 0(\.\d+)?)?")
 
 
 def load_bundled(name: str) -> pd.DataFrame:
@@ -35,8 +40,17 @@ def load_bundled(name: str) -> pd.DataFrame:
     return getattr(datasets, f"load_{name}")(as_frame=True).frame
 
 
-def read_source(source: str) -> pd.DataFrame:
-    """Read ``sklearn:<name>`` or a CSV/Parquet file into a table, refusing duplicate columns."""
+def read_source(source: str, separator: str = ",") -> pd.DataFrame:
+    """Read ``sklearn:<name>`` or a CSV/Parquet file into a table.
+
+    Args:
+        source: ``sklearn:<name>`` or the path of a ``.csv`` or ``.parquet`` file.
+        separator: Field separator of a CSV file.
+
+    Raises:
+        DataError: The file is missing, empty, not UTF-8, malformed, has duplicate column names, or
+            is a CSV whose header is one column holding another separator.
+    """
     if source.startswith("sklearn:"):
         return load_bundled(source.removeprefix("sklearn:"))
     path = Path(source)
@@ -47,9 +61,11 @@ def read_source(source: str) -> pd.DataFrame:
         )
     if path.stat().st_size == 0:
         raise DataError(f"data file {source!r} is empty (0 bytes)")
-    _refuse_duplicates(_header(path), f"{source!r} has")
+    header = _header(path, separator)
+    _refuse_wrong_separator(header, separator, source)
+    _refuse_duplicates(header, f"{source!r} has")
     try:
-        return _read_file(path)
+        return _read_file(path, separator)
     except UnicodeDecodeError as exc:
         raise DataError(
             f"{source!r} is not UTF-8 text ({exc.reason}); re-encode it as UTF-8"
@@ -125,10 +141,48 @@ def table_digest(table: pd.DataFrame) -> str:
     return digest.hexdigest()[:16]
 
 
+def handle_index_column(frame: pd.DataFrame, label_column: str, policy: str) -> pd.DataFrame:
+    """Drop, keep or refuse a first column that is a saved row index, not a feature.
+
+    Such a column has no name in the file (pandas writes its index under a blank header unless
+    ``index=False``, and reads it back as ``Unnamed: 0``) or is named ``index`` and holds the row
+    numbers (what ``reset_index()`` adds).
+
+    Args:
+        frame: Raw table as read from the source.
+        label_column: Name of the class column (never taken for an index).
+        policy: ``"drop"`` it with a warning, ``"keep"`` it as a feature, or ``"fail"``.
+
+    Raises:
+        DataError: ``policy`` is ``"fail"`` and the table has such a column.
+    """
+    name = _index_column(frame, label_column)
+    if name is None or policy == "keep":
+        return frame
+    why = (
+        "looks like a saved row index, not a feature (pandas writes its index there unless "
+        "`to_csv(..., index=False)`)"
+    )
+    if policy == "fail":
+        raise DataError(
+            f"the first column {name!r} {why}. Save the table with index=False, or set "
+            "data.index_column to drop (ignore it) or keep (use it as a feature)"
+        )
+    log.warning(
+        "dropped the first column %r: it %s; set data.index_column: keep to use it as a feature",
+        name,
+        why,
+    )
+    return frame.drop(columns=name)
+
+
 def ingest(config: DataConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Read, check and profile the configured source: the canonical table and its profile."""
+    raw = read_source(config.source, config.separator)
     canonical, non_finite = to_canonical(
-        read_source(config.source), config.label_column, config.non_finite
+        handle_index_column(raw, config.label_column, config.index_column),
+        config.label_column,
+        config.non_finite,
     )
     return canonical, profile(canonical, config.label_column, config.source, non_finite)
 
@@ -155,6 +209,41 @@ def _features(frame: pd.DataFrame, label_column: str) -> pd.DataFrame:
     return features
 
 
+def _index_column(frame: pd.DataFrame, label_column: str) -> str | None:
+    """The first column's name if it is a saved row index (see :func:`handle_index_column`)."""
+    if frame.shape[1] == 0:
+        return None
+    first = frame.columns[0]
+    if not isinstance(first, str) or first == label_column:
+        return None
+    if _UNNAMED_FIRST.fullmatch(first):
+        return first
+    return first if first == "index" and _holds_row_numbers(frame[first]) else None
+
+
+def _holds_row_numbers(column: pd.Series) -> bool:
+    """Whether ``column`` is 0, 1, ..., n-1 (or 1, ..., n) in order."""
+    if not pd.api.types.is_integer_dtype(column):
+        return False
+    values = column.to_numpy()
+    start = np.arange(len(values))
+    return bool(np.array_equal(values, start) or np.array_equal(values, start + 1))
+
+
+def _refuse_wrong_separator(header: list[str], separator: str, source: str) -> None:
+    """Refuse a CSV header read as one column whose name holds another separator."""
+    if len(header) != 1:
+        return
+    found = [sep for sep in SEPARATORS if sep != separator and sep in header[0]]
+    if found:
+        likely = max(found, key=header[0].count)
+        raise DataError(
+            f"{source!r} has a single column {shorten(header[0])!r}: its fields look separated "
+            f"by {json.dumps(likely)}, not {json.dumps(separator)}. Set data.separator: "
+            f"{json.dumps(likely)} in params.yaml"
+        )
+
+
 def _handle_non_finite(counts: dict[str, int], policy: str) -> None:
     if counts and policy == "fail":
         raise DataError(
@@ -171,11 +260,11 @@ def _handle_non_finite(counts: dict[str, int], policy: str) -> None:
         )
 
 
-def _header(path: Path) -> list[str]:
+def _header(path: Path, separator: str) -> list[str]:
     if path.suffix.lower() == ".csv":
         try:
             with path.open(newline="", encoding="utf-8") as handle:
-                return next(csv.reader(handle), [])
+                return next(csv.reader(handle, delimiter=separator), [])
         except UnicodeDecodeError as exc:
             raise DataError(
                 f"{str(path)!r} is not UTF-8 text ({exc.reason}); re-encode it as UTF-8"
@@ -188,11 +277,11 @@ def _header(path: Path) -> list[str]:
         raise DataError(f"{str(path)!r} is not a readable Parquet file: {exc}") from None
 
 
-def _read_file(path: Path) -> pd.DataFrame:
+def _read_file(path: Path, separator: str) -> pd.DataFrame:
     if path.suffix.lower() != ".csv":
         return pd.read_parquet(path)
     try:
-        return pd.read_csv(path)
+        return pd.read_csv(path, sep=separator)
     except pd.errors.EmptyDataError:
         raise DataError(f"{str(path)!r} holds no header and no rows") from None
     except pd.errors.ParserError as exc:
@@ -206,16 +295,29 @@ def _numeric_features(features: pd.DataFrame) -> pd.DataFrame:
         if not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))
     ]
     if bad:
-        examples = {
-            name: features[name].dropna().iloc[0]
-            for name in bad[:3]
-            if features[name].notna().any()
-        }
+        examples = "; ".join(_first_non_number(features[name]) for name in bad[:3])
         raise DataError(
-            f"{len(bad)} feature columns are not numeric: {preview(bad)} (e.g. {examples}). "
+            f"{len(bad)} feature columns are not numeric: {preview(bad)} ({examples}). "
             "Encode them as numbers, or drop them before ingesting"
         )
     return features.astype("float64")
+
+
+def _first_non_number(column: pd.Series) -> str:
+    """Where a non-numeric column first holds something that is not a number, for a message.
+
+    Rows are counted from 1, below the header.
+    """
+    name = shorten(str(column.name))
+    if not (pd.api.types.is_object_dtype(column) or pd.api.types.is_string_dtype(column)):
+        return f"{name} is of type {column.dtype}"
+    parsed = pd.to_numeric(column, errors="coerce")
+    offending = column.notna() & parsed.isna()
+    if not offending.any():
+        return f"{name} holds numbers stored as text"
+    position = int(np.argmax(offending.to_numpy()))
+    value = shorten(str(plain(column.iloc[position])))
+    return f"{name} holds {value!r} in data row {position + 1}"
 
 
 def _labels(labels: pd.Series, label_column: str) -> pd.Series:
@@ -227,7 +329,7 @@ def _labels(labels: pd.Series, label_column: str) -> pd.Series:
     n_classes = labels.nunique()
     if n_classes < 2:
         raise DataError(
-            f"label column {label_column!r} holds a single class ({labels.iloc[0]!r}); "
+            f"label column {label_column!r} holds a single class ({plain(labels.iloc[0])!r}); "
             "a classifier needs at least two"
         )
     return labels

@@ -5,6 +5,7 @@ anything else escaping a stage is a bug and keeps its traceback.
 """
 
 from collections.abc import Iterable
+from typing import Any
 
 
 class TrackflowError(Exception):
@@ -31,8 +32,25 @@ class TrackingUnavailable(TrackflowError):
     exit_code = 75  # EX_TEMPFAIL (sysexits.h): orchestrators retry on it
 
 
-def preview(items: Iterable[object], limit: int = 8) -> str:
-    """A list for an error message: the first ``limit`` items, then how many there are in all."""
-    names = [str(item) for item in items]
+def preview(items: Iterable[object], limit: int = 8, width: int = 40) -> str:
+    """A list for an error message: the first ``limit`` items, then how many there are in all.
+
+    Items are shown as plain text (``5``, not ``np.int64(5)``), each cut to ``width`` characters.
+    """
+    names = [shorten(str(plain(item)), width) for item in items]
     shown = ", ".join(names[:limit])
     return f"{shown}, ... ({len(names)} in all)" if len(names) > limit else shown
+
+
+def shorten(text: str, width: int = 40) -> str:
+    """``text`` cut to ``width`` characters, ending in ``...`` when it was cut."""
+    return text if len(text) <= width else f"{text[: width - 3]}..."
+
+
+def plain(value: Any) -> Any:
+    """A NumPy scalar as the Python value it holds (``np.int64(5)`` -> ``5``); others unchanged.
+
+    For messages: ``f"{plain(value)!r}"`` reads ``5`` or ``'abc'`` whatever library made the value.
+    """
+    item = getattr(value, "item", None)
+    return item() if callable(item) and getattr(value, "shape", None) == () else value

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,14 +49,42 @@ def configure_logging(verbose: bool = False) -> None:
     )
 
 
-def execute(run: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
-    """Run a stage; a user-caused error becomes one message on stderr and a non-zero status."""
+def execute(
+    run: Callable[[argparse.Namespace], None], args: argparse.Namespace, has_outputs: bool = False
+) -> int:
+    """Run a stage; a user-caused error becomes one message on stderr and a non-zero status.
+
+    Args:
+        run: The stage or command.
+        args: Its parsed arguments.
+        has_outputs: It writes outputs, which DVC deletes before running it: under DVC, the
+            message then also says so and how to bring the last good ones back.
+    """
     try:
         run(args)
     except TrackflowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        note = dvc_outputs_note() if has_outputs else ""
+        message = f"{str(exc).rstrip('.')}. {note}" if note else str(exc)
+        print(f"error: {message}", file=sys.stderr)
         return exc.exit_code
     return 0
+
+
+def dvc_outputs_note() -> str:
+    """What became of the stage's outputs when DVC runs it (``DVC_STAGE`` set); else ``""``.
+
+    ``dvc repro`` and ``dvc exp run`` delete a stage's declared outputs before running its command,
+    and record new ones only when it succeeds: a refused stage leaves none in the workspace, while
+    ``dvc.lock`` still names the last good ones, which ``dvc checkout <stage>`` restores from the
+    cache.
+    """
+    stage = os.environ.get("DVC_STAGE")
+    if not stage:
+        return ""
+    return (
+        f"DVC deleted stage {stage}'s outputs before running it and nothing new was written: "
+        f"`dvc checkout {stage}` restores its last good outputs from DVC's cache"
+    )
 
 
 def stage_main(
@@ -68,4 +97,4 @@ def stage_main(
     parser = argparse.ArgumentParser(description=description)
     add_arguments(parser)
     configure_logging()
-    return execute(run, parser.parse_args(argv))
+    return execute(run, parser.parse_args(argv), has_outputs=True)
