@@ -260,3 +260,13 @@ def test_a_missing_label_among_many_long_columns_gives_a_short_message(
     err = capsys.readouterr().err
     assert "label column 'target' is not in the table" in err and "(50 in all)" in err
     assert len(err) < 600, err
+
+
+def test_a_parquet_text_column_names_its_first_non_number(write_params, tmp_path, capsys) -> None:
+    frame = _with("c", ["1.5", None, "2", "n/a"] + ["3"] * 26)
+    frame["a"] = [[1.0]] * 30  # a list per cell: not a number either
+    path = _write(tmp_path, frame, "t.parquet")
+    assert run_ingest(write_params, tmp_path, source=str(path), label_column="label") == 3
+    err = capsys.readouterr().err
+    assert "2 feature columns are not numeric: a, c" in err
+    assert "a holds '[1.]' in data row 1; c holds 'n/a' in data row 4" in err

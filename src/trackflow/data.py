@@ -311,13 +311,21 @@ def _first_non_number(column: pd.Series) -> str:
     name = shorten(str(column.name))
     if not (pd.api.types.is_object_dtype(column) or pd.api.types.is_string_dtype(column)):
         return f"{name} is of type {column.dtype}"
-    parsed = pd.to_numeric(column, errors="coerce")
-    offending = column.notna() & parsed.isna()
-    if not offending.any():
-        return f"{name} holds numbers stored as text"
-    position = int(np.argmax(offending.to_numpy()))
-    value = shorten(str(plain(column.iloc[position])))
-    return f"{name} holds {value!r} in data row {position + 1}"
+    for position, value in enumerate(column):
+        if not _reads_as_number(value):
+            return f"{name} holds {shorten(str(plain(value)))!r} in data row {position + 1}"
+    return f"{name} holds numbers stored as text"
+
+
+def _reads_as_number(value: Any) -> bool:
+    """Whether a cell is missing or reads as a number (``"10.0"`` does, ``"abc"`` does not)."""
+    if value is None or value is pd.NA:
+        return True
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _labels(labels: pd.Series, label_column: str) -> pd.Series:
