@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -165,7 +166,8 @@ def test_two_promotions_racing_leave_one_champion_and_a_consistent_ledger(
 ) -> None:
     from trackflow.config import load_params
     from trackflow.packaging import log_packaged_model
-    from trackflow.promotion import register_candidate
+    from trackflow.promotion import record_seen_rows, register_candidate
+    from trackflow.stages.register import seen_rows
     from trackflow.tracking import setup_tracking
 
     params = write_params({"model.name": candidate_store, **LOW_FLOORS})
@@ -185,6 +187,7 @@ def test_two_promotions_racing_leave_one_champion_and_a_consistent_ledger(
             rows.head(3),
             rows,
         )
+        record_seen_rows(tracking, run_id, seen_rows(files["splits"], "target", list(rows.columns)))
         register_candidate(tracking, candidate_store, info.model_uri, run_id, info.model_id, {}, 60)
     splits = str(candidates["good"].files["splits"])
     cli = [
@@ -245,3 +248,114 @@ def test_the_lock_is_released_on_error_waits_times_out_and_breaks_when_stale(mon
     assert client.get_registered_model(lock).tags["holder"] == taken
     second.__exit__(None, None, None)
     assert client.search_registered_models(f"name = '{lock}'") == []
+
+
+def split_with_seed(candidate: Candidate, seed: int, write_params) -> Path:
+    """The session's dataset split again with another ``base.seed``: other rows are test rows."""
+    from trackflow.stages.split import main as split
+
+    dataset = candidate.processed.parent / "ingested/dataset.parquet"
+    params = write_params({"base.seed": seed}, name=f"seed{seed}.yaml")
+    out = Path(f"split{seed}")
+    assert split(["--params", str(params), "--dataset", str(dataset), "--out", str(out)]) == 0
+    return out
+
+
+def gate_rows(client: MlflowClient, name: str, version: str) -> tuple[int, int]:
+    """The labelled rows the version's last gate compared and left out, from its tags."""
+    tags = client.get_model_version(name, version).tags
+    return int(tags["trackflow.gate.rows_compared"]), int(tags["trackflow.gate.rows_excluded"])
+
+
+def promote(*argv: str) -> int:
+    from trackflow.cli import main
+
+    return main(["promote", "--params", "params.yaml", *argv])
+
+
+def test_the_gate_never_scores_a_model_on_rows_it_trained_on(
+    candidates, candidate_store, gate, write_params, capsys
+) -> None:
+    client = MlflowClient()
+    assert gate(candidates["good"])["promoted"]
+    rejected = gate(candidates["weak"], **LOW_FLOORS)  # same split: every test row is held out
+    assert rejected["rows"] == {"compared": 134, "excluded": 0}
+    record = client.download_artifacts(rejected["run_id"], "gate/seen_rows.json", ".")
+    splits = candidates["weak"].files["splits"]
+    assert read_json(record)["parts"] == {
+        part: len(pd.read_parquet(splits / f"{part}.parquet"))
+        for part in ("source_train", "source_val", "target_train", "target_val")
+    }
+
+    # After `base.seed` changes, most new test rows are both models' training/validation rows.
+    reshuffled = str(split_with_seed(candidates["good"], 7, write_params))
+    write_params({"model.name": candidate_store, **LOW_FLOORS})
+    assert promote("--version", "2", "--splits", reshuffled) == 0
+    reason = client.get_model_version(candidate_store, "2").tags["trackflow.gate.reason"]
+    assert reason.startswith("not compared: only ") and "held out from both models" in reason
+    assert "promotion.min_gate_rows 30" in reason
+    assert "`trackflow promote --version 2 --force --reason ...`" in reason
+    assert "\n" not in reason and aliases(candidate_store)[CHAMPION] == "1"
+    assert sum(gate_rows(client, candidate_store, "2")) == 134
+
+    # With a lower minimum, the comparison runs on the rows neither model saw, and says how many.
+    write_params({"model.name": candidate_store, "promotion.min_gate_rows": 5, **LOW_FLOORS})
+    assert promote("--version", "2", "--splits", reshuffled) == 0
+    compared, excluded = gate_rows(client, candidate_store, "2")
+    assert 5 <= compared < 40 and compared + excluded == 134
+    tags = client.get_model_version(candidate_store, "2").tags
+    assert tags["trackflow.gate.reason"].startswith("not better: accuracy")
+    metrics = client.get_run(rejected["run_id"]).data.metrics
+    assert metrics["gate/rows_compared"] == compared and metrics["gate/rows_excluded"] == excluded
+    assert ledger(client, candidate_store)[-1].metrics["rows_excluded"] == excluded
+
+    # A person who has looked can promote it anyway; the floors still apply, the ledger says why.
+    capsys.readouterr()
+    assert promote("--version", "2", "--splits", reshuffled, "--force") == 2
+    assert "--force needs --version N and --reason" in capsys.readouterr().err
+    assert promote("--version", "2", "--splits", reshuffled, "--force", "--reason", "looked") == 0
+    assert aliases(candidate_store)[CHAMPION] == "2"
+    entry = ledger(client, candidate_store)[-1]
+    assert entry.action == "promote" and entry.reason.startswith(
+        "promoted by hand, not compared with champion version 1: looked"
+    )
+
+
+def test_a_champion_taking_other_columns_is_not_compared(
+    candidates, candidate_store, gate, write_params, tmp_path
+) -> None:
+    """MLflow drops columns a model does not take: the gate must see the schemas differ."""
+    import joblib
+    import pandas as pd
+
+    from trackflow.config import PreprocessConfig, load_params
+    from trackflow.packaging import log_packaged_model
+    from trackflow.preprocessing import fit_preprocessor
+    from trackflow.promotion import register_candidate
+    from trackflow.tracking import setup_tracking
+
+    files = candidates["good"].files
+    train = pd.read_parquet(files["splits"] / "target_train.parquet")
+    narrow = train.drop(columns=["target", "pixel_0_0"])  # a 63-column table
+    config = PreprocessConfig(pca={"n_components": 16})
+    joblib.dump(fit_preprocessor(narrow, config, impute=False, seed=0), "narrow.joblib")
+    tracking = setup_tracking(load_params(write_params()).base.mlflow)
+    run_id = tracking.client.create_run(tracking.experiment_id).info.run_id
+    info = log_packaged_model(
+        tracking,
+        run_id,
+        tmp_path / "narrow.joblib",
+        files["model"],
+        files["detector"],
+        narrow.head(3),
+        narrow,
+    )
+    register_candidate(tracking, candidate_store, info.model_uri, run_id, info.model_id, {}, 60)
+    MlflowClient().set_registered_model_alias(candidate_store, CHAMPION, "1")
+
+    result = gate(candidates["good"])
+    assert not result["promoted"] and aliases(candidate_store)[CHAMPION] == "1"
+    assert result["reason"].startswith(
+        "not compared: challenger version 2 takes 64 columns and champion version 1 63 (only the "
+        "challenger version 2: pixel_0_0; only the champion version 1: none)"
+    )

@@ -387,6 +387,12 @@ class PromotionConfig(_Section):
     min_anomaly_auroc: float = Field(
         0.8, ge=0, le=1, description="Floor on the anomaly detector's test AUROC."
     )
+    min_gate_rows: PositiveInt = Field(
+        30,
+        description="Fewest labelled test rows held out from both models (neither trained nor "
+        "early-stopped on them) that a comparison with the champion needs; fewer and the gate "
+        "refuses to compare.",
+    )
     lock_timeout_s: float = Field(
         300, gt=0, description="How long a promotion waits for another one to finish."
     )

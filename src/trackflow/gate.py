@@ -1,22 +1,89 @@
 """The promotion gate: does a challenger beat the champion on the same test rows, with support?
 
 Both models are scored on one pinned evaluation set (healthy labelled test rows plus held-out
-anomalies). The challenger must pass absolute floors; the first model that does becomes champion;
-after that it must beat the champion on the primary metric by at least ``min_delta``, and the
-difference must be statistically supported at the configured one-sided level: McNemar's exact test
-on the rows one model gets right and the other wrong, or a paired bootstrap confidence interval.
-Pure numpy/scipy: no registry, no model loading.
+anomalies), restricted to the rows **neither model saw**: every registered version records the
+digests of its training and validation rows (:class:`SeenRows`), and a gate row whose raw row
+(or, for a corrupted anomaly, the row it was made from) is among them is left out
+(:func:`comparable_rows`). Too few rows left, or models that take different columns, and the gate
+refuses to compare. The challenger must pass absolute floors; the first model that does becomes
+champion; after that it must beat the champion on the primary metric by at least ``min_delta``,
+and the difference must be statistically supported at the configured one-sided level: McNemar's
+exact test on the rows one model gets right and the other wrong, or a paired bootstrap confidence
+interval. Pure numpy/scipy: no registry, no model loading.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from trackflow.config import PromotionConfig
+from trackflow.errors import preview
+
+#: Hex characters kept of each row's SHA-1 (64 bits: no collision among billions of rows).
+DIGEST_CHARS = 16
+#: Format of the :class:`SeenRows` record, bumped if the digest ever changes.
+SEEN_ROWS_FORMAT = 1
+#: Every key :meth:`Decision.metrics` returns, so that runs compare side by side in MLflow.
+METRICS = ("accuracy", "macro_f1", "anomaly_auroc")
+SUPPORT = ("p_value", "rows_fixed", "rows_broken", "ci_low")
+
+
+def row_digests(rows: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """A digest per raw row: SHA-1 of its float64 values in ``columns`` order, shape (n_rows,).
+
+    Integer and float copies of a row get the same digest; ``-0.0`` is taken as ``0.0`` and every
+    NaN as the same NaN.
+    """
+    values = np.ascontiguousarray(rows[list(columns)].to_numpy(dtype=np.float64) + 0.0)
+    values[np.isnan(values)] = np.nan
+    return np.array(
+        [hashlib.sha1(row.tobytes()).hexdigest()[:DIGEST_CHARS] for row in values], dtype=object
+    )
+
+
+@dataclass(frozen=True)
+class SeenRows:
+    """The raw rows a model was fitted or early-stopped on, as row digests.
+
+    Attributes:
+        columns: The model's raw feature columns, in the order the digests were taken.
+        digests: Digest of every training and validation row (:func:`row_digests`).
+        parts: Rows per split part recorded (``target_train``: 891, ...).
+    """
+
+    columns: list[str]
+    digests: frozenset[str]
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_tables(cls, tables: dict[str, pd.DataFrame], columns: Sequence[str]) -> SeenRows:
+        """Record the rows of ``tables`` (split parts by name, feature columns at least)."""
+        digests = {d for table in tables.values() for d in row_digests(table, columns)}
+        parts = {name: len(table) for name, table in tables.items()}
+        return cls(list(columns), frozenset(digests), parts)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready record (digests sorted, so the same rows give the same file)."""
+        return {
+            "format": SEEN_ROWS_FORMAT,
+            "hash": f"sha1 of the float64 row in 'columns' order, first {DIGEST_CHARS} hex",
+            "columns": self.columns,
+            "parts": self.parts,
+            "digests": sorted(self.digests),
+        }
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> SeenRows:
+        """Read back :meth:`to_json`; a record of another format is refused."""
+        if record.get("format") != SEEN_ROWS_FORMAT:
+            raise ValueError(f"seen-rows record of format {record.get('format')!r}, not 1")
+        return cls(list(record["columns"]), frozenset(record["digests"]), record["parts"])
 
 
 @dataclass(frozen=True)
@@ -28,12 +95,86 @@ class GateSet:
         labels: True class of each healthy row, shape (n_healthy,).
         anomalous: Whether each row of ``rows`` is an anomaly, shape (n_rows,).
         digest: Content digest of ``rows``, recorded with every decision.
+        origins: The raw row each row was made from (itself, or the healthy row an anomaly is a
+            corruption of), shape like ``rows``; None when every row is its own origin.
     """
 
     rows: pd.DataFrame
     labels: np.ndarray
     anomalous: np.ndarray
     digest: str
+    origins: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def n_labelled(self) -> int:
+        """Healthy, labelled rows: those accuracy and the paired tests are computed on."""
+        return len(self.labels)
+
+    def unseen_by(self, seen: SeenRows) -> np.ndarray:
+        """Whether each row (by its origin) is outside ``seen``, shape (n_rows,)."""
+        origins = self.rows if self.origins is None else self.origins
+        return ~np.isin(row_digests(origins, seen.columns), list(seen.digests))
+
+    def subset(self, keep: np.ndarray) -> GateSet:
+        """The rows where ``keep`` (shape (n_rows,)) is true, with their labels and origins."""
+        origins = None if self.origins is None else self.origins[keep].reset_index(drop=True)
+        rows = self.rows[keep].reset_index(drop=True)
+        labels = self.labels[keep[~self.anomalous]]
+        return GateSet(rows, labels, self.anomalous[keep], self.digest, origins)
+
+
+def comparable_rows(
+    gate_set: GateSet,
+    seen: dict[str, SeenRows | None],
+    columns: dict[str, Sequence[str]],
+    min_rows: int,
+) -> tuple[np.ndarray, str | None]:
+    """The gate rows no model in ``seen`` trained on, or why the models cannot be compared.
+
+    Args:
+        gate_set: The pinned rows.
+        seen: Each model's recorded training and validation rows by name (``"challenger"``,
+            ``"champion version 3"``); None where a model has no record.
+        columns: Each model's raw feature columns, by the same names.
+        min_rows: The fewest labelled rows a comparison needs (``promotion.min_gate_rows``).
+
+    Returns:
+        A mask over the gate rows, shape (n_rows,), and None; or the mask and a one-line problem.
+    """
+    keep = np.ones(len(gate_set.rows), bool)
+    if problem := _column_mismatch(columns):
+        return keep, problem
+    unknown = [name for name, record in seen.items() if record is None]
+    if unknown:
+        return keep, (
+            f"{' and '.join(unknown)} recorded no training rows (registered before trackflow "
+            "recorded them), so the gate cannot tell whether it trained on these test rows"
+        )
+    for record in seen.values():
+        keep &= gate_set.unseen_by(record)
+    left = int(keep[~gate_set.anomalous].sum())
+    if left < min_rows:
+        return keep, (
+            f"only {left} of {gate_set.n_labelled} labelled test rows are held out from both "
+            f"models (the others were training/validation rows), fewer than "
+            f"promotion.min_gate_rows {min_rows}"
+        )
+    return keep, None
+
+
+def _column_mismatch(columns: dict[str, Sequence[str]]) -> str | None:
+    """Why models taking these raw columns cannot be scored on the same rows, or None."""
+    (first, mine), *others = columns.items()
+    for name, theirs in others:
+        if set(mine) != set(theirs):
+            only_first = [c for c in mine if c not in set(theirs)]
+            only_other = [c for c in theirs if c not in set(mine)]
+            return (
+                f"{first} takes {len(mine)} columns and {name} {len(theirs)} (only the "
+                f"{first}: {preview(only_first, 3) or 'none'}; only the {name}: "
+                f"{preview(only_other, 3) or 'none'}): they do not score the same rows"
+            )
+    return None
 
 
 @dataclass(frozen=True)
@@ -80,16 +221,23 @@ class Decision:
     champion: dict[str, float] | None = None
     delta: float | None = None
     support: dict[str, float] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
-        """Flat numbers for MLflow: ``gate/challenger/accuracy``, ``gate/delta``, ..."""
-        flat = {f"gate/challenger/{k}": v for k, v in self.challenger.items()}
-        flat |= {f"gate/champion/{k}": v for k, v in (self.champion or {}).items()}
-        flat |= {f"gate/{k}": v for k, v in self.support.items()}
-        if self.delta is not None:
-            flat["gate/delta"] = self.delta
+        """Flat numbers for MLflow, the same keys whatever the outcome (NaN: not computed).
+
+        ``gate/challenger/<metric>``, ``gate/champion/<metric>``, ``gate/delta``,
+        ``gate/p_value``, ``gate/rows_fixed``, ``gate/rows_broken``, ``gate/ci_low``,
+        ``gate/rows_compared``, ``gate/rows_excluded`` and ``gate/promoted``.
+        """
+        champion = self.champion or {}
+        flat = {f"gate/challenger/{k}": self.challenger.get(k, np.nan) for k in METRICS}
+        flat |= {f"gate/champion/{k}": champion.get(k, np.nan) for k in METRICS}
+        flat["gate/delta"] = np.nan if self.delta is None else self.delta
+        flat |= {f"gate/{k}": self.support.get(k, np.nan) for k in SUPPORT}
+        flat |= {f"gate/rows_{k}": self.rows.get(k, np.nan) for k in ("compared", "excluded")}
         flat["gate/promoted"] = float(self.promote)
-        return flat
+        return {k: float(v) for k, v in flat.items()}
 
 
 def decide(

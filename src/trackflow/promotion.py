@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trackflow.errors import TrackflowError
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from trackflow.config import PromotionConfig
-    from trackflow.gate import Decision, Evaluation, GateSet
+    from trackflow.gate import Decision, Evaluation, GateSet, SeenRows
     from trackflow.tracking import Tracking
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,148 @@ LOCK_SUFFIX = ".promotion-lock"
 STALE_LOCK_S = 600.0
 
 
+#: The version's run artifact recording its training and validation rows (:class:`SeenRows`).
+SEEN_ROWS_ARTIFACT = "gate/seen_rows.json"
+#: The version tag of the DVC split it was trained on (``dvc.lock``'s md5 of ``data/split``).
+SPLIT_TAG = TAG_PREFIX + "dvc.data/split"
+
+
 class PromotionError(TrackflowError):
     """A promotion or rollback cannot be done as asked; nothing in the registry changed."""
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A version the gate scores: how it predicts, the raw columns it takes, the rows it saw.
+
+    Attributes:
+        version: Its version number.
+        role: ``"challenger"`` or ``"champion"``.
+        predict: Raw rows in, ``label`` and ``anomaly_score`` (at least) out.
+        columns: Its raw feature columns.
+        seen: Its training and validation rows; None when it recorded none.
+    """
+
+    version: str
+    role: str
+    predict: Callable[[pd.DataFrame], pd.DataFrame] = field(repr=False)
+    columns: list[str] = field(repr=False)
+    seen: SeenRows | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        """``champion version 3``: how messages name it."""
+        return f"{self.role} version {self.version}"
+
+    def evaluate(self, gate_set: GateSet) -> Evaluation:
+        """Its scores on ``gate_set``.
+
+        Raises:
+            PromotionError: It cannot score the rows (one line naming the version and the error).
+        """
+        from trackflow.gate import evaluate
+
+        try:
+            return evaluate(self.predict, gate_set)
+        except Exception as exc:  # any failure of the model's own code: say which and why
+            raise PromotionError(f"{self.label} cannot score the test rows: {why(exc)}") from None
+
+
+def why(exc: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    from trackflow.errors import shorten
+
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {shorten(lines[0] if lines else '(no message)', 160)}"
+
+
+def load_contender(tracking: Tracking, name: str, version: str, role: str) -> Contender:
+    """Load a registered version for the gate, with the columns and rows it was trained on.
+
+    Raises:
+        PromotionError: Its files cannot be loaded, or it is not a trackflow model.
+    """
+    import mlflow.pyfunc
+
+    from trackflow.tracking import fluent_tracking
+
+    label = f"{name} {role} version {version}"
+    model_version = tracking.client.get_model_version(name, version)
+    try:
+        with fluent_tracking(tracking):
+            model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    except Exception as exc:  # corrupt or missing files raise anything from pickle to OSError
+        raise PromotionError(
+            f"{label} cannot be loaded from {model_version.source} ({_load_problem(exc)})"
+        ) from None
+    scorer = getattr(_python_model(model), "scorer", None)
+    if not isinstance(getattr(scorer, "columns", None), list):
+        raise PromotionError(
+            f"{label} is not a trackflow model (no scorer of raw rows in {model_version.source});"
+            " only versions registered by the register stage can be gated"
+        )
+    seen = read_seen_rows(tracking, model_version.run_id)
+    return Contender(str(version), role, model.predict, scorer.columns, seen)
+
+
+def _load_problem(exc: BaseException) -> str:
+    """What a load failure means, for a person: missing files, corrupt files, or the error."""
+    text = why(exc)
+    if "No such artifact" in text or isinstance(exc, FileNotFoundError):
+        return f"its files are missing: {text}"
+    return f"its files are corrupt or unreadable: {text}"
+
+
+def _python_model(model: Any) -> Any:
+    """The Python object behind a loaded pyfunc model, or None for other flavours."""
+    try:
+        return model.unwrap_python_model()
+    except Exception:  # MLflow raises for every flavour that is not a PythonModel
+        return None
+
+
+def read_seen_rows(tracking: Tracking, run_id: str | None) -> SeenRows | None:
+    """The training and validation rows recorded on a run, or None if it recorded none."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    from trackflow.gate import SeenRows
+
+    if not run_id:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = tracking.client.download_artifacts(run_id, SEEN_ROWS_ARTIFACT, folder)
+        except (MlflowException, OSError):
+            return None
+        return SeenRows.from_json(json.loads(Path(path).read_text()))
+
+
+def record_seen_rows(tracking: Tracking, run_id: str, seen: SeenRows) -> None:
+    """Log a version's training and validation rows to its run (:data:`SEEN_ROWS_ARTIFACT`)."""
+    tracking.client.log_dict(run_id, seen.to_json(), SEEN_ROWS_ARTIFACT)
+
+
+def borrow_split_record(
+    tracking: Tracking, name: str, champion: Contender, challenger: Contender
+) -> Contender:
+    """The champion, lent the challenger's record of its rows if it has none and they share a split.
+
+    A version registered before trackflow recorded its rows still carries the DVC hash of the
+    split it was trained on (:data:`SPLIT_TAG`): the same split means the same training and
+    validation rows.
+    """
+    from dataclasses import replace
+
+    if champion.seen is not None or challenger.seen is None:
+        return champion
+    splits = [
+        tracking.client.get_model_version(name, c.version).tags.get(SPLIT_TAG)
+        for c in (champion, challenger)
+    ]
+    same = splits[0] is not None and splits[0] == splits[1]
+    return replace(champion, seen=challenger.seen) if same else champion
 
 
 @dataclass(frozen=True)
@@ -232,12 +373,14 @@ def promote_if_better(
     gate_set: GateSet,
     config: PromotionConfig,
     seed: int,
-    challenger: Evaluation | None = None,
+    challenger: Contender | None = None,
+    force: str | None = None,
 ) -> Decision:
     """Gate a registered version against the champion; move ``champion`` if it passes.
 
-    Both are scored on ``gate_set`` inside the lock, so a concurrent promotion cannot change the
-    champion between the comparison and the move. The decision is recorded on the version (tags
+    Both are scored inside the lock, so a concurrent promotion cannot change the champion between
+    the comparison and the move, and only on the gate rows neither trained or early-stopped on
+    (:func:`~trackflow.gate.comparable_rows`). The decision is recorded on the version (tags
     ``trackflow.gate.*``, its description), on its run (``gate/*`` metrics) and in the ledger.
 
     Args:
@@ -245,12 +388,18 @@ def promote_if_better(
         name: Registered model name.
         version: The version to gate (normally the ``challenger``).
         gate_set: The pinned rows both models are scored on.
-        config: The gate's floors, metric, test and lock timeout.
+        config: The gate's floors, metric, test, fewest rows and lock timeout.
         seed: Seed of the bootstrap.
-        challenger: The version's scores if already computed (from the same files); else the
-            registered version is loaded and scored.
+        challenger: The version as already loaded (from the same files); else it is loaded
+            from the registry.
+        force: A person's reason to promote without comparing with the champion (after looking
+            at why the gate could not compare); the floors still apply.
+
+    Raises:
+        PromotionError: The version cannot be loaded or cannot score the gate rows; nothing in
+            the registry changed.
     """
-    from trackflow.gate import Decision, decide, evaluate
+    from trackflow.gate import Decision
 
     client = tracking.client
     with promotion_lock(client, name, config.lock_timeout_s):
@@ -260,21 +409,95 @@ def promote_if_better(
             decision = Decision(False, f"version {version} is already the champion", {})
             log.info("%s", decision.reason)
             return decision
-        if challenger is None:
-            challenger = evaluate(load_predict(tracking, f"models:/{name}/{version}"), gate_set)
-        champion, problem = None, None
-        if current is not None:
+        challenger = challenger or load_contender(tracking, name, version, "challenger")
+        champion: Contender | str | None = None
+        if current is not None and not force:
             try:
-                champion = evaluate(load_predict(tracking, f"models:/{name}/{current}"), gate_set)
-            except Exception as exc:  # a champion that cannot score these rows is not comparable
-                problem = (
-                    f"champion version {current} cannot score the pinned test rows "
-                    f"({type(exc).__name__}: {str(exc)[:300]}); a new dataset needs a new "
-                    "model.name"
-                )
-        decision = decide(challenger, champion, config, seed, problem)
+                champion = load_contender(tracking, name, current, "champion")
+            except (
+                PromotionError
+            ) as exc:  # a broken champion blocks, but is no fault of the version
+                champion = str(exc)
+            else:
+                champion = borrow_split_record(tracking, name, champion, challenger)
+        decision = judge(gate_set, challenger, champion, config, seed)
+        if force and current is not None and decision.promote:
+            decision = _forced(decision, current, force)
         _record(tracking, name, model_version, decision, current, gate_set.digest)
     return decision
+
+
+def judge(
+    gate_set: GateSet,
+    challenger: Contender,
+    champion: Contender | str | None,
+    config: PromotionConfig,
+    seed: int,
+) -> Decision:
+    """The gate's decision, on the rows neither model saw.
+
+    Args:
+        gate_set: The pinned rows.
+        challenger: The version gated.
+        champion: The champion; why it cannot be used (a one-line text); or None if there is none.
+        config: The gate's settings.
+        seed: Seed of the bootstrap.
+
+    Raises:
+        PromotionError: The challenger cannot score the rows.
+    """
+    from trackflow.gate import comparable_rows, decide
+
+    own = (
+        gate_set
+        if challenger.seen is None
+        else gate_set.subset(gate_set.unseen_by(challenger.seen))
+    )
+    problem = champion if isinstance(champion, str) else None
+    if isinstance(champion, Contender):
+        keep, problem = comparable_rows(
+            gate_set,
+            {challenger.label: challenger.seen, champion.label: champion.seen},
+            {challenger.label: challenger.columns, champion.label: champion.columns},
+            config.min_gate_rows,
+        )
+        if problem is None:
+            compared = gate_set.subset(keep)
+            try:
+                scores = champion.evaluate(compared)
+            except PromotionError as exc:
+                problem = str(exc)
+            else:
+                decision = decide(challenger.evaluate(compared), scores, config, seed)
+                return _with_rows(decision, gate_set, compared)
+    if problem is not None:
+        problem += (
+            f"; after looking (trackflow lineage), `trackflow promote --version "
+            f"{challenger.version} --force --reason ...` promotes it without the comparison"
+        )
+    decision = decide(challenger.evaluate(own), None, config, seed, problem)
+    return _with_rows(decision, gate_set, own, known=challenger.seen is not None)
+
+
+def _forced(decision: Decision, champion: str, reason: str) -> Decision:
+    """A promotion by hand: the floors passed, the champion was not compared."""
+    from dataclasses import replace
+
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in decision.challenger.items())
+    text = f"promoted by hand, not compared with champion version {champion}: {reason} ({scores})"
+    return replace(decision, reason=text)
+
+
+def _with_rows(
+    decision: Decision, gate_set: GateSet, used: GateSet, known: bool = True
+) -> Decision:
+    """The decision with the labelled rows it scored and those left out as seen by a model."""
+    from dataclasses import replace
+
+    rows = {"compared": used.n_labelled}
+    if known:
+        rows["excluded"] = gate_set.n_labelled - used.n_labelled
+    return replace(decision, rows=rows)
 
 
 def _record(
@@ -302,7 +525,7 @@ def _record(
         previous=current,
         run_id=run_id,
         reason=decision.reason,
-        metrics=decision.challenger,
+        metrics=decision.challenger | {f"rows_{k}": v for k, v in decision.rows.items()},
     )
     if decision.promote and alias_version(client, name, CHALLENGER) == version:
         client.delete_registered_model_alias(name, CHALLENGER)
@@ -312,6 +535,7 @@ def _record(
         "gate.champion_version": current or "none",
         "gate.test_digest": digest,
     } | {f"gate.{k}": f"{v:.6g}" for k, v in decision.challenger.items()}
+    tags |= {f"gate.rows_{k}": str(v) for k, v in decision.rows.items()}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, TAG_PREFIX + key, value)
     client.update_model_version(name, version, description=f"Gate: {outcome}. {decision.reason}")
@@ -369,16 +593,6 @@ def champion_stack(entries: list[LedgerEntry]) -> list[str]:
         elif entry.action == "rollback" and stack:
             stack.pop()
     return stack
-
-
-def load_predict(tracking: Tracking, uri: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
-    """A registered model's ``predict``, loaded from the tracking store of ``tracking``."""
-    import mlflow.pyfunc
-
-    from trackflow.tracking import fluent_tracking
-
-    with fluent_tracking(tracking):
-        return mlflow.pyfunc.load_model(uri).predict
 
 
 @contextmanager

@@ -1,9 +1,13 @@
 """Gate a registered version against the champion and promote it if it wins, or roll back.
 
 ``trackflow promote`` gates the current ``challenger`` (or ``--version N``) exactly as the register
-stage does: both it and the ``champion`` are re-scored on the pinned test rows of ``--splits``.
-``trackflow promote --rollback`` moves ``champion`` back to the version it replaced. Both append to
-the model's ledger (``trackflow history``).
+stage does: both it and the ``champion`` are re-scored on the pinned test rows of ``--splits`` that
+neither was trained on. Where the gate cannot compare them (too few such rows, no record of the
+champion's training rows, other columns), a person who has looked can promote the version with
+``--force --reason "..."``: the floors still apply and the ledger records who and why.
+``trackflow promote --rollback`` moves ``champion`` back to the version it replaced. All append to
+the model's ledger (``trackflow history``). A version that cannot be loaded or cannot score the rows
+is refused in one line, with nothing moved.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="split folder (default: %(default)s)",
     )
     parser.add_argument(
-        "--reason", default="manual rollback", help="why (recorded with a rollback)"
+        "--force",
+        action="store_true",
+        help="promote --version without comparing with the champion (the floors still apply)",
     )
+    parser.add_argument("--reason", help="why (recorded with a rollback or --force)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -45,12 +52,17 @@ def run(args: argparse.Namespace) -> None:
     from trackflow.stages.register import build_gate_set
     from trackflow.tracking import setup_tracking
 
+    if args.force and not (args.version and args.reason):
+        raise ConfigError(
+            "--force needs --version N and --reason saying why (it goes in the ledger)"
+        )
     params = load_params(args.params)
     name = args.name or params.model.name
     tracking = setup_tracking(params.base.mlflow)
     with registry_errors(name):
         if args.rollback:
-            entry = rollback(tracking, name, args.reason, params.promotion.lock_timeout_s)
+            why = args.reason or "manual rollback"
+            entry = rollback(tracking, name, why, params.promotion.lock_timeout_s)
             print(f"{name}@champion: version {entry.previous} -> {entry.version} (rollback)")
             return
         version = args.version or alias_version(tracking.client, name, CHALLENGER)
@@ -59,7 +71,13 @@ def run(args: argparse.Namespace) -> None:
         require_inputs(args.splits / "summary.json", made_by="split")
         gate_set = build_gate_set(args.splits, params)
         decision = promote_if_better(
-            tracking, name, str(version), gate_set, params.promotion, params.base.seed
+            tracking,
+            name,
+            str(version),
+            gate_set,
+            params.promotion,
+            params.base.seed,
+            force=args.reason if args.force else None,
         )
     print(f"{name} version {version}: {'promoted' if decision.promote else 'not promoted'}")
     print(f"  {decision.reason}")

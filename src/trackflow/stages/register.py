@@ -4,10 +4,13 @@ Logs preprocessor + network + anomaly detector to the candidate's run as one pyf
 scores raw rows, registers it as a new version of ``model.name`` with the alias ``challenger`` and
 the lineage tags (git, params digest, DVC hashes from ``--lock``), then runs the gate
 (``promotion.*``): the challenger and the current ``champion`` are scored on the same pinned test
-rows (the target test split plus held-out anomalies) and ``champion`` moves only if the challenger
-passes the floors and beats it with statistical support. Writes ``--out`` (version and decision)
-and ``--metrics`` (the gate's numbers). The challenger is scored before anything is registered, so
-a candidate that cannot score its own test rows changes nothing in the registry.
+rows (the target test split plus held-out anomalies), less any row either was trained or
+early-stopped on, and ``champion`` moves only if the challenger passes the floors and beats it with
+statistical support. The digests of the candidate's training and validation rows (every part of
+``--splits`` but the test parts) are logged to its run as ``gate/seen_rows.json`` for later gates.
+Writes ``--out`` (version and decision) and ``--metrics`` (the gate's numbers). The challenger is
+scored before anything is registered, so a candidate that cannot score its own test rows changes
+nothing in the registry.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from typing import TYPE_CHECKING
 from trackflow.stages import add_params_argument, require_inputs, stage_main
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from trackflow.config import Params
-    from trackflow.gate import GateSet
+    from trackflow.gate import GateSet, SeenRows
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,13 @@ def run(args: argparse.Namespace) -> None:
     from trackflow.io import atomic_outputs, read_json, read_table, write_json
     from trackflow.lineage import dvc_hashes, training_lineage
     from trackflow.packaging import Scorer, log_packaged_model
-    from trackflow.promotion import alias_version, promote_if_better, register_candidate
+    from trackflow.promotion import (
+        Contender,
+        alias_version,
+        promote_if_better,
+        record_seen_rows,
+        register_candidate,
+    )
     from trackflow.tracking import set_tags, setup_tracking
 
     params = load_params(args.params)
@@ -57,8 +68,8 @@ def run(args: argparse.Namespace) -> None:
     label = params.data.label_column
     gate_set = build_gate_set(args.splits, params)
     scorer = Scorer.from_files(args.preprocessor, args.model, args.detector)
-    challenger = evaluate(scorer.predict, gate_set)
-    log.info("challenger on the pinned test rows: %s", challenger.metrics)
+    log.info("challenger on the pinned test rows: %s", evaluate(scorer.predict, gate_set).metrics)
+    seen = seen_rows(args.splits, label, scorer.columns)
 
     tracking = setup_tracking(params.base.mlflow)
     run_id = read_json(args.run)["run_id"]
@@ -74,6 +85,7 @@ def run(args: argparse.Namespace) -> None:
     )
     hashes = dvc_hashes(args.lock)
     set_tags(tracking, run_id, hashes)  # what training set when it started stays as it was
+    record_seen_rows(tracking, run_id, seen)
     lineage = training_lineage(tracking, run_id, params) | hashes
     name = params.model.name
     version = register_candidate(
@@ -85,6 +97,7 @@ def run(args: argparse.Namespace) -> None:
         lineage,
         params.promotion.lock_timeout_s,
     )
+    challenger = Contender(version, "challenger", scorer.predict, scorer.columns, seen)
     decision = promote_if_better(
         tracking, name, version, gate_set, params.promotion, params.base.seed, challenger
     )
@@ -102,6 +115,7 @@ def run(args: argparse.Namespace) -> None:
                 "reason": decision.reason,
                 "champion": champion,
                 "test_digest": gate_set.digest,
+                "rows": decision.rows,
             },
             out,
         )
@@ -119,7 +133,8 @@ def build_gate_set(splits: Path, params: Params) -> GateSet:
     """The pinned rows of the gate: target test rows, then the test anomalies of the anomaly stage.
 
     Anomalies are the source task's test rows and seeded corruptions of the target test rows, the
-    same held-out anomalies the anomaly stage reports on.
+    same held-out anomalies the anomaly stage reports on. Each row keeps its origin (a corruption's
+    is the test row it was made from), so rows a model saw can be left out of its comparison.
     """
     import numpy as np
     import pandas as pd
@@ -127,17 +142,34 @@ def build_gate_set(splits: Path, params: Params) -> GateSet:
     from trackflow.anomaly import anomaly_sets
     from trackflow.data import table_digest
     from trackflow.gate import GateSet
-    from trackflow.io import read_json, read_table
 
     label = params.data.label_column
-    names = read_json(splits / "summary.json")["parts"]
-    raw = {name: read_table(splits / f"{name}.parquet") for name in names}
+    raw = read_parts(splits)
     sets = anomaly_sets(raw, label, params.anomaly, params.base.seed)
     anomalies = list(sets.test_anomalies.values())
-    rows = pd.concat([sets.test, *anomalies], ignore_index=True)
+    indexed = pd.concat([sets.test, *anomalies])
+    pool = pd.concat([raw[name] for name in raw if name.endswith("_test")]).drop(columns=label)
+    rows = indexed.reset_index(drop=True)
     anomalous = np.r_[np.zeros(len(sets.test), bool), np.ones(len(rows) - len(sets.test), bool)]
     labels = raw["target_test"][label].to_numpy()
-    return GateSet(rows, labels, anomalous, table_digest(rows))
+    origins = pool.loc[indexed.index].reset_index(drop=True) if pool.index.is_unique else None
+    return GateSet(rows, labels, anomalous, table_digest(rows), origins)
+
+
+def seen_rows(splits: Path, label: str, columns: list[str]) -> SeenRows:
+    """The rows a candidate trained on this split saw: every part but the test parts."""
+    from trackflow.gate import SeenRows
+
+    parts = {name: t for name, t in read_parts(splits).items() if not name.endswith("_test")}
+    return SeenRows.from_tables(parts, columns)
+
+
+def read_parts(splits: Path) -> dict[str, pd.DataFrame]:
+    """The split's parts by name (``target_train``, ...), as ``summary.json`` lists them."""
+    from trackflow.io import read_json, read_table
+
+    names = read_json(splits / "summary.json")["parts"]
+    return {name: read_table(splits / f"{name}.parquet") for name in names}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
