@@ -30,11 +30,11 @@ from trackflow.batch import (
     score_batch,
     write_batch_outputs,
 )
-from trackflow.config import MlflowConfig, load_params
+from trackflow.config import BatchConfig, MlflowConfig, load_params
 from trackflow.errors import TrackflowError
 from trackflow.pipeline import repo_tracking_config
 from trackflow.report import render_batch_markdown
-from trackflow.tracking import TAG_PREFIX, setup_tracking
+from trackflow.tracking import TAG_PREFIX, scoring_experiment, setup_tracking
 
 ARTIFACT_KEY = "trackflow-batch-scoring"
 RETRYING = {
@@ -53,9 +53,9 @@ def load(config: MlflowConfig, uri: str) -> LoadedModel:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def score(batch: Path, model: LoadedModel, psi_threshold: float, drift_share: float) -> Any:
+def score(batch: Path, model: LoadedModel, config: BatchConfig) -> Any:
     """Check, score and compare the batch; write both outputs or none."""
-    result = score_batch(read_batch(batch), model, psi_threshold, drift_share)
+    result = score_batch(read_batch(batch), model, config)
     return result, write_batch_outputs(result, batch)
 
 
@@ -67,9 +67,10 @@ def record(
     batch: Path,
     outputs: tuple[Path, Path],
 ) -> str:
-    """Record the scored batch as an MLflow run tagged with this flow run's id."""
+    """Record the scored batch in the scoring experiment, tagged with this flow run's id."""
     tags = {TAG_PREFIX + "prefect_flow_run_id": str(flow_run.id)}
-    return log_batch_run(setup_tracking(config), result, model, batch, outputs, tags)
+    tracking = setup_tracking(config, scoring_experiment(config))
+    return log_batch_run(tracking, result, model, batch, outputs, tags, source="flows.scoring")
 
 
 @flow(name="trackflow-batch-scoring")
@@ -104,8 +105,7 @@ def batch_scoring_flow(
     read_batch(path)  # a missing or unreadable file fails before the model loads
     config = repo_tracking_config(params_path.parent, validated)
     model = load(config, model_uri or f"models:/{validated.model.name}@champion")
-    thresholds = validated.batch
-    result, outputs = score(path, model, thresholds.psi_threshold, thresholds.drift_share)
+    result, outputs = score(path, model, validated.batch)
     run_id = record(config, result, model, path, outputs)
     drift = result.drift
     summary = {

@@ -70,25 +70,10 @@ def test_evaluate_stage_writes_metrics_plots_and_appends_to_the_train_run(
     from mlflow import MlflowClient
 
     params = trained_model(processed, write_params)
-    code = evaluate(
-        [
-            "--params",
-            str(params),
-            "--data",
-            str(processed),
-            "--model",
-            "model.pt",
-            "--run",
-            "train_run.json",
-            "--history",
-            "train_history.csv",
-            "--metrics",
-            "evaluate.json",
-            "--plots",
-            "plots",
-        ]
-    )
-    assert code == 0
+    argv = ["--params", str(params), "--data", str(processed), "--model", "model.pt"]
+    argv += ["--run", "train_run.json", "--history", "train_history.csv"]
+    argv += ["--metrics", "evaluate.json", "--plots", "plots"]
+    assert evaluate(argv) == 0
     metrics = read_json("evaluate.json")
     assert set(metrics) == {"test", "baseline"}
     assert set(metrics["test"]) == {
@@ -125,6 +110,13 @@ def test_evaluate_stage_writes_metrics_plots_and_appends_to_the_train_run(
     assert list(history["epoch"]) == [1, 2, 3, 4]
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "evaluate")}
     assert "evaluate/curves.png" in artifacts
+    # The run's description: the train stage's headline numbers, then the test accuracy.
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("train (scratch): 4 epochs, best val loss ")
+    assert f"Test acc {metrics['test']['accuracy']:.4f}, macro-F1 " in note
+    assert evaluate(argv) == 0  # evaluated again: its part of the description is replaced
+    again = MlflowClient().get_run(run.info.run_id).data.tags["mlflow.note.content"]
+    assert again == note and again.count("Test acc") == 1
 
 
 def test_evaluate_needs_a_trained_model(processed, write_params, capsys) -> None:

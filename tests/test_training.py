@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from tests.conftest import pretrain_argv, train_argv
-from trackflow.config import ModelConfig, OptimizationConfig, ScheduleConfig
+from trackflow.config import ModelConfig, OptimizationConfig, ScheduleConfig, load_params
 from trackflow.io import read_json
+from trackflow.lineage import params_hash
 from trackflow.models import build_backbone, build_head, count_parameters, load_classifier
 from trackflow.stages.pretrain import main as pretrain
 from trackflow.stages.train import main as train
@@ -196,15 +197,35 @@ def run_stage(stage, params: Path, processed: Path) -> int:
 def test_train_stage_records_one_complete_mlflow_run(processed, write_params) -> None:
     from mlflow import MlflowClient
 
+    commit = commit_a_checkout()
     params = write_params(QUICK)
     assert run_stage(pretrain, params, processed) == 0
     assert run_stage(train, params, processed) == 0
     run_id = read_json("train_run.json")["run_id"]
     client = MlflowClient()
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "train"
+    digest = params_hash(load_params(params))[:6]
+    assert run.info.status == "FINISHED" and run.info.run_name == f"train-finetune-{digest}"
+    pretrain_run = client.get_run(read_json("pretrain_run.json")["run_id"])
+    assert pretrain_run.info.run_name == f"pretrain-{digest}"
+    # Params as params.yaml writes them, not as Python prints them.
     assert run.data.params["train.mode"] == "finetune"
     assert run.data.params["model.widths"] == "[32, 16]"
+    assert run.data.params["train.gradient_clip_val"] == "null"
+    assert run.data.params["train.deterministic"] == "true"
+    assert run.data.params["anomaly.detectors"] == (
+        "[knn, mahalanobis, pca_reconstruction, isolation_forest]"
+    )
+    # MLflow's own source tags, and a description with the headline numbers.
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "trackflow.stages.train"
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.user"]
+    assert tags["mlflow.source.git.commit"] == commit == tags["trackflow.git_commit"]
+    metrics = read_json("train.json")
+    assert tags["mlflow.note.content"] == (
+        f"train (finetune): 3 epochs, best val loss {metrics['train/best_val_loss']:.4f}, "
+        f"val acc {metrics['train/best_val_acc']:.4f}."
+    )
     assert run.data.tags["trackflow.backbone_run_id"] == read_json("pretrain_run.json")["run_id"]
     assert len(run.data.tags["trackflow.data_digest"]) == 16
     history = client.get_metric_history(run_id, "val/loss")
@@ -221,6 +242,44 @@ def test_train_stage_records_one_complete_mlflow_run(processed, write_params) ->
     assert metrics["train/epochs"] == 3 and 0 < metrics["train/best_val_acc"] <= 1
     _, meta = load_classifier("model.pt")
     assert meta["classes"] == [5, 6, 7, 8, 9] and meta["run_id"] == run_id
+
+
+def commit_a_checkout() -> str:
+    """Make the working directory a git checkout with one commit; return the commit."""
+    for command in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "code"]):
+        subprocess.run(["git", *command], check=True, capture_output=True)
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def test_every_transfer_mode_logs_the_same_metric_keys(processed, write_params) -> None:
+    from mlflow import MlflowClient
+
+    assert run_stage(pretrain, write_params(QUICK), processed) == 0
+    runs = {}
+    for mode in ("finetune", "feature_extraction", "scratch"):
+        assert run_stage(train, write_params(QUICK | {"train.mode": mode}), processed) == 0
+        runs[mode] = MlflowClient().get_run(read_json("train_run.json")["run_id"])
+    keys = {mode: set(run.data.metrics) for mode, run in runs.items()}
+    assert keys["finetune"] == keys["feature_extraction"] == keys["scratch"], keys
+    frozen = runs["feature_extraction"].info.run_id
+    assert [m.value for m in MlflowClient().get_metric_history(frozen, "lr/backbone")] == [0] * 3
+    names = [run.info.run_name for run in runs.values()]
+    assert [name.rsplit("-", 1)[0] for name in names] == [
+        "train-finetune",
+        "train-feature_extraction",
+        "train-scratch",
+    ]
+
+
+def test_a_run_is_named_after_the_dvc_experiment_it_belongs_to(monkeypatch) -> None:
+    from trackflow.tracking import run_label
+
+    assert run_label("train", "finetune", "3f2a1c") == "train-finetune-3f2a1c"
+    assert run_label("pretrain", None, "3f2a1c") == "pretrain-3f2a1c"
+    monkeypatch.setenv("DVC_EXP_NAME", "lucid-sole")  # what `dvc exp run` sets for its stages
+    assert run_label("train", "scratch", "3f2a1c") == "train-scratch-lucid-sole"
 
 
 def test_same_params_same_data_same_metrics(processed, write_params) -> None:
@@ -294,7 +353,7 @@ def test_ddp_on_two_cpu_processes_makes_one_run(processed, write_params, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("trackflow").experiment_id])
-    assert [r.info.run_name for r in runs] == ["train"]
+    assert [r.info.run_name.rsplit("-", 1)[0] for r in runs] == ["train-scratch"]
     assert runs[0].info.run_id == read_json(tmp_path / "train_run.json")["run_id"]
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/loss")] == [0, 1, 2]
     assert set(read_json(tmp_path / "train.json")) == {

@@ -5,7 +5,10 @@ For ``new.csv`` (or ``new.parquet``) the outputs go next to it, written all toge
 - ``new.scored.csv``: the input rows, every input column kept (ids pass through), plus the packaged
   model's ``label``, ``proba_<class>``, ``anomaly_score`` and ``is_anomaly``;
 - ``new.drift.json``: the batch against the model's training profile
-  (:func:`trackflow.drift.compare_to_profile`) and the batch's counts.
+  (:func:`trackflow.drift.compare_to_profile`): which drift rules fired, and the batch's counts.
+
+A scored batch is recorded as a run of its own experiment, ``<experiment>-scoring``
+(:func:`log_batch_run`), named ``batch-score-<file>-v<version>``.
 
 A table the model cannot score (missing feature columns, non-numeric values, infinities, missing
 values unless the model imputes them, no rows, not a table) is refused with an
@@ -21,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from trackflow.drift import DriftReport, compare_to_profile
+from trackflow.config import BatchConfig
+from trackflow.drift import AnomalyCount, DriftReport, compare_to_profile
 from trackflow.errors import ConfigError
 from trackflow.inputs import InputError
 from trackflow.io import atomic_outputs, write_json
@@ -93,10 +97,7 @@ def read_batch(path: str | Path) -> pd.DataFrame:
 
 
 def score_batch(
-    frame: pd.DataFrame,
-    model: LoadedModel,
-    psi_threshold: float = 0.2,
-    drift_share: float = 0.3,
+    frame: pd.DataFrame, model: LoadedModel, config: BatchConfig | None = None
 ) -> BatchResult:
     """Score a batch and compare it with the model's training profile.
 
@@ -104,8 +105,9 @@ def score_batch(
         frame: Rows, shape (n_rows, n_columns): the model's feature columns plus any others
             (ids, a label), which are passed through to the output unchanged.
         model: The model to score with.
-        psi_threshold: A feature drifted when its PSI is above this.
-        drift_share: The batch drifted when at least this share of features drifted.
+        config: The drift rules' thresholds (``params.batch``); default
+            :class:`~trackflow.config.BatchConfig`'s. The anomaly-rate rule compares with the
+            false-positive rate the model's detector was calibrated at.
 
     Raises:
         InputError: Feature columns are missing, non-numeric, infinite or (unless the model
@@ -121,10 +123,13 @@ def score_batch(
             f"input columns {clash} have the names of output columns; rename them to score "
             "this batch"
         )
-    drift = compare_to_profile(model.profile, rows, psi_threshold, drift_share)
+    n_anomalies = int(scores["is_anomaly"].sum())
+    expected = model.scorer.detector.get("target_fpr")
+    anomalies = None if expected is None else AnomalyCount(n_anomalies, float(expected))
+    drift = compare_to_profile(model.profile, rows, config, anomalies)
     counts = {
         "n_rows": len(scores),
-        "n_anomalies": int(scores["is_anomaly"].sum()),
+        "n_anomalies": n_anomalies,
         "anomaly_rate": float(scores["is_anomaly"].mean()),
         "labels": {str(k): int(v) for k, v in scores["label"].value_counts().sort_index().items()},
     }
@@ -189,13 +194,24 @@ def log_batch_run(
     batch: str | Path,
     outputs: tuple[Path, Path],
     tags: dict[str, str] | None = None,
+    source: str | None = None,
 ) -> str:
     """Record a scored batch as an MLflow run: counts, anomaly rate, drift; the report attached.
+
+    Args:
+        tracking: The store, set up for the scoring experiment
+            (:func:`~trackflow.tracking.scoring_experiment`), not the candidates'.
+        result: The scored batch.
+        model: The model that scored it.
+        batch: The batch's file.
+        outputs: The scored table and the drift report written beside it.
+        tags: More tags (e.g. an orchestrator's run id).
+        source: Entry point recorded as ``mlflow.source.name`` (e.g. ``trackflow score``).
 
     Returns:
         The run's id.
     """
-    from trackflow.tracking import TAG_PREFIX, log_metrics, tracked_run
+    from trackflow.tracking import NOTE_TAG, TAG_PREFIX, log_metrics, tracked_run
 
     counts, drift = result.counts, result.drift
     run_tags = {
@@ -205,6 +221,8 @@ def log_batch_run(
         TAG_PREFIX + "batch": str(Path(batch).absolute()),
         TAG_PREFIX + "scored": str(outputs[0].absolute()),
         TAG_PREFIX + "drift_detected": str(drift.detected).lower(),
+        TAG_PREFIX + "drift_rules": ",".join(rule.name for rule in drift.fired) or "none",
+        NOTE_TAG: batch_summary(result, model),
     } | (tags or {})
     metrics = {
         "batch/n_rows": counts["n_rows"],
@@ -212,14 +230,32 @@ def log_batch_run(
         "batch/anomaly_rate": counts["anomaly_rate"],
         "drift/detected": float(drift.detected),
         "drift/share_drifted": drift.share,
-        "drift/max_psi": max(f.psi for f in drift.features.values()),
+        "drift/max_psi": drift.max_psi,
     }
+    metrics |= {f"drift/rule/{rule.name}": float(rule.fired) for rule in drift.rules}
     metrics |= {f"batch/label_count/{_key(k)}": v for k, v in counts["labels"].items()}
     metrics |= {f"drift/psi/{_key(name)}": f.psi for name, f in drift.features.items()}
-    with tracked_run(tracking, "batch_score", run_tags) as run_id:
+    with tracked_run(tracking, batch_run_name(batch, model), run_tags, source) as run_id:
         log_metrics(tracking, run_id, metrics)
         tracking.client.log_artifact(run_id, str(outputs[1]), "batch")
     return run_id
+
+
+def batch_run_name(batch: str | Path, model: LoadedModel) -> str:
+    """``batch-score-<file stem>[-v<version>]``: what was scored, with which version."""
+    version = f"-v{model.version}" if model.version is not None else ""
+    return f"batch-score-{Path(batch).stem}{version}"
+
+
+def batch_summary(result: BatchResult, model: LoadedModel) -> str:
+    """The headline numbers of a scored batch in one line: rows, anomaly rate, drift verdict."""
+    counts = result.counts
+    version = f" (version {model.version})" if model.version is not None else ""
+    return (
+        f"{counts['n_rows']} rows scored by {model.uri}{version}: "
+        f"{counts['n_anomalies']} anomalies ({counts['anomaly_rate']:.1%}); "
+        f"drift {result.drift.summary()}."
+    )
 
 
 def _key(name: str) -> str:

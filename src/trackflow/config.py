@@ -418,6 +418,35 @@ class BatchConfig(_Section):
     drift_share: float = Field(
         0.3, gt=0, le=1, description="The batch drifted when at least this share of features did."
     )
+    psi_severe: float = Field(
+        1.0,
+        gt=0,
+        description="The batch drifted when any feature's PSI is above this (and above what "
+        "sampling alone reaches in a batch of its size), however few features moved.",
+    )
+    anomaly_rate_factor: float = Field(
+        3.0,
+        ge=1,
+        description="The batch drifted when its anomaly rate is above this x the validation "
+        "false-positive rate the detector was calibrated at (anomaly.target_fpr), and above "
+        "what sampling alone reaches in a batch of its size.",
+    )
+    confidence: float = Field(
+        0.999,
+        gt=0.5,
+        lt=1,
+        description="A batch like the training data passes each drift rule with at least this "
+        "probability: the rules' limits rise to what chance reaches in a small batch.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> BatchConfig:
+        if self.psi_severe <= self.psi_threshold:
+            raise ValueError(
+                f"psi_severe ({self.psi_severe:g}) must be above psi_threshold "
+                f"({self.psi_threshold:g}): it flags a batch on one feature alone"
+            )
+        return self
 
 
 class ServeConfig(_Section):

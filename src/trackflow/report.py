@@ -99,9 +99,10 @@ def _registration_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def render_batch_markdown(summary: dict[str, Any]) -> str:
-    """A scored batch's report: counts, anomaly rate, drift flag, the most shifted features."""
+    """A scored batch's report: counts, anomaly rate, drift verdict and its rules, top features."""
     counts, drift = summary["counts"], summary["drift"]
-    verdict = "**DRIFT DETECTED**" if drift["detected"] else "no drift"
+    fired = drift.get("rules_fired", [])
+    verdict = f"**DRIFT DETECTED** by {', '.join(fired)}" if drift["detected"] else "no drift"
     lines = [
         f"# trackflow batch scoring: {counts['n_rows']} rows",
         "",
@@ -109,10 +110,19 @@ def render_batch_markdown(summary: dict[str, Any]) -> str:
         f"- Anomalies: {counts['n_anomalies']} ({counts['anomaly_rate']:.1%})",
         "- Predicted labels: " + ", ".join(f"{k}: {v}" for k, v in counts["labels"].items()),
         f"- Drift: {verdict}: {len(drift['drifted_features'])} of {drift['n_features']} "
-        f"features above PSI {drift['psi_threshold']} (share {drift['share_drifted']:.2f}; the "
-        f"batch is flagged at {drift['drift_share']})",
+        f"features above PSI {drift['psi_threshold']}, largest PSI {drift['max_psi']:.3g}",
         f"- Outputs: {', '.join(f'`{p}`' for p in summary['outputs'])}",
         f"- MLflow run: `{summary['mlflow_run_id']}`",
+        "",
+        "| drift rule | fired | measured | limit | why |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['name']} | {'**yes**' if r['fired'] else 'no'} | {r['value']:.3g} | "
+        f"{r['limit']:.3g} | {r['reason'].replace('|', '/')} |"
+        for r in drift.get("rules", [])
+    ]
+    lines += [
         "",
         "| feature | PSI | KS | training mean | batch mean |",
         "|---|---|---|---|---|",

@@ -6,7 +6,9 @@ active run, which is per thread and would be lost between stages, tasks and proc
 
 from __future__ import annotations
 
+import getpass
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +22,17 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 TAG_PREFIX = "trackflow."
+
+#: Environment variable DVC sets to the experiment's name while ``dvc exp run`` runs a stage.
+DVC_EXP_NAME_ENV = "DVC_EXP_NAME"
+#: MLflow's tag of a run's description, shown on the run's page in the UI (Markdown).
+NOTE_TAG = "mlflow.note.content"
+#: Tags holding each stage's part of the description (:func:`update_note`).
+NOTE_PART_PREFIX = TAG_PREFIX + "note."
+#: Order of the stages' parts in a run's description; other parts follow in name order.
+NOTE_ORDER = ("pretrain", "train", "evaluate", "anomaly", "register", "batch_score")
+#: Suffix of the experiment scored batches are recorded in: ``<experiment>-scoring``.
+SCORING_SUFFIX = "-scoring"
 
 #: Signs, in an error's text, of a passing fault: the store or server was busy or away, not wrong.
 TRANSIENT_SIGNS = (
@@ -62,13 +75,19 @@ def resolve_tracking_uri(config: MlflowConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or config.tracking_uri
 
 
-def setup_tracking(config: MlflowConfig) -> Tracking:
+def setup_tracking(config: MlflowConfig, experiment_name: str | None = None) -> Tracking:
     """Point MLflow at the configured store and make sure the experiment exists.
 
     Returns a client bound to the store; the process-wide MLflow state is left alone. A local
     SQLite store gets its folder created; a new experiment stores its artifacts under
     ``config.artifact_location`` (made absolute, so runs read back from any working directory).
+
+    Args:
+        config: The store and the experiment of the candidates.
+        experiment_name: Another experiment of the same store to record runs in (e.g.
+            :func:`scoring_experiment`); default ``config.experiment_name``.
     """
+    experiment_name = experiment_name or config.experiment_name
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(config)
@@ -78,12 +97,12 @@ def setup_tracking(config: MlflowConfig) -> Tracking:
     # would then override the params of every later set-up in it. The client carries the URI.
     try:
         client = MlflowClient(tracking_uri=uri)
-        experiment = client.get_experiment_by_name(config.experiment_name)
+        experiment = client.get_experiment_by_name(experiment_name)
         if experiment is not None:
             experiment_id = experiment.experiment_id
         else:
             experiment_id = client.create_experiment(
-                config.experiment_name, artifact_location=_artifact_uri(config.artifact_location)
+                experiment_name, artifact_location=_artifact_uri(config.artifact_location)
             )
     except Exception as exc:  # MLflow raises many kinds for a bad URI or an unreachable store
         if is_transient_error(str(exc)):
@@ -98,9 +117,67 @@ def setup_tracking(config: MlflowConfig) -> Tracking:
     return Tracking(client=client, tracking_uri=uri, experiment_id=experiment_id)
 
 
+def scoring_experiment(config: MlflowConfig) -> str:
+    """The experiment scored batches are recorded in, beside (not among) the candidates."""
+    return config.experiment_name + SCORING_SUFFIX
+
+
+def run_label(*parts: str | None) -> str:
+    """A run name from its parts (stage, mode, ...) and what tells this run from its siblings.
+
+    The last part is the DVC experiment's name under ``dvc exp run``, else the given fallback
+    (e.g. a short params digest); empty parts are left out: ``train-finetune-3f2a1c``.
+    """
+    *head, fallback = parts
+    last = os.environ.get(DVC_EXP_NAME_ENV) or fallback
+    return "-".join(part for part in (*head, last) if part)
+
+
+def source_tags(source: str | None = None) -> dict[str, str]:
+    """MLflow's own tags of where a run came from: entry point, kind, git commit, user.
+
+    ``mlflow.start_run`` sets these by itself; runs created through a client get them here.
+
+    Args:
+        source: The entry point, e.g. ``trackflow.stages.train``; default: the module run with
+            ``python -m``, else the program's file name.
+    """
+    from trackflow.lineage import FLOW_RUN_ENV, git_state
+
+    tags = {
+        "mlflow.source.name": source or _entry_point(),
+        "mlflow.source.type": "JOB" if os.environ.get(FLOW_RUN_ENV) else "LOCAL",
+        "mlflow.user": _user(),
+    }
+    commit = git_state()["git_commit"]
+    if not commit.startswith("unknown"):
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _entry_point() -> str:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name.removesuffix(".__main__")
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name and no user database entry (some containers)
+        return "unknown"
+
+
 @contextmanager
-def tracked_run(tracking: Tracking, run_name: str, tags: dict[str, str]) -> Iterator[str]:
-    """Create a run and yield its id; it ends FINISHED, or FAILED if the block raises."""
+def tracked_run(
+    tracking: Tracking, run_name: str, tags: dict[str, str], source: str | None = None
+) -> Iterator[str]:
+    """Create a run and yield its id; it ends FINISHED, or FAILED if the block raises.
+
+    The run gets :func:`source_tags` (``source`` is its entry point) under ``tags``.
+    """
+    tags = source_tags(source) | tags
     run = tracking.client.create_run(tracking.experiment_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     try:
@@ -134,12 +211,47 @@ def fluent_tracking(tracking: Tracking) -> Iterator[None]:
 
 
 def log_params(tracking: Tracking, run_id: str, params: dict[str, Any]) -> None:
-    """Log many params in one call (one ``log_param`` costs a round trip each)."""
+    """Log many params in one call (one ``log_param`` costs a round trip each).
+
+    Values are written as in ``params.yaml`` (:func:`yaml_text`): ``null``, ``true``, ``[32, 16]``.
+    """
     from mlflow.entities import Param
 
-    batch = [Param(key, str(value)) for key, value in params.items()]
+    batch = [Param(key, yaml_text(value)) for key, value in params.items()]
     for start in range(0, len(batch), 100):  # MLflow takes at most 100 params per call
         tracking.client.log_batch(run_id, params=batch[start : start + 100])
+
+
+def yaml_text(value: Any) -> str:
+    """A param's value as YAML writes it: ``null``, ``true``, ``0.95``, ``[knn, mahalanobis]``."""
+    import yaml
+
+    if isinstance(value, str):
+        return value
+    if isinstance(value, tuple):
+        value = list(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000, allow_unicode=True)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def update_note(tracking: Tracking, run_id: str, stage: str, text: str) -> str:
+    """Set ``stage``'s part of a run's description (``mlflow.note.content``); return the whole.
+
+    Each stage owns one part, kept in its own tag, so a stage that runs again replaces its part
+    instead of adding another; the parts are joined in :data:`NOTE_ORDER`.
+    """
+    tags = tracking.client.get_run(run_id).data.tags
+    parts = {
+        k.removeprefix(NOTE_PART_PREFIX): v
+        for k, v in tags.items()
+        if k.startswith(NOTE_PART_PREFIX)
+    }
+    parts[stage] = text
+    order = {name: i for i, name in enumerate(NOTE_ORDER)}
+    ordered = sorted(parts, key=lambda name: (order.get(name, len(order)), name))
+    note = " ".join(parts[name] for name in ordered)
+    set_tags(tracking, run_id, {NOTE_PART_PREFIX + stage: text, NOTE_TAG: note})
+    return note
 
 
 def set_tags(tracking: Tracking, run_id: str, tags: dict[str, Any]) -> None:

@@ -333,13 +333,19 @@ class EpochReport(pl.Callback):
 
 
 def epoch_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-    """The epoch's logged metrics, each group's learning rate and the parameter counts."""
+    """The epoch's logged metrics, each group's learning rate and the parameter counts.
+
+    ``lr/head`` and ``lr/backbone`` are always there (0 for a part outside the optimizer, e.g. a
+    frozen backbone), so runs of every transfer mode have the same keys in side-by-side charts.
+    """
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))
     }
     for optimizer in trainer.optimizers:
         for i, group in enumerate(optimizer.param_groups):
             metrics[f"lr/{group.get('name', i)}"] = float(group["lr"])
+    for part in ("head", "backbone"):  # a frozen part trains at rate 0: every run has both keys
+        metrics.setdefault(f"lr/{part}", 0.0)
     counts = count_parameters(pl_module)
     metrics["params/trainable"] = counts["trainable"]
     metrics["params/frozen"] = counts["frozen"]

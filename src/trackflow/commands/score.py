@@ -2,7 +2,10 @@
 
 Writes ``<batch>.scored.<csv|parquet>`` (the input rows plus ``label``, ``proba_<class>``,
 ``anomaly_score``, ``is_anomaly``) and ``<batch>.drift.json`` next to the batch, both or neither,
-and records counts, the anomaly rate and drift as an MLflow run.
+and records counts, the anomaly rate and drift as a run of the ``<experiment>-scoring`` MLflow
+experiment. The batch is flagged as drifted when any rule of ``params.batch`` fires (share of
+drifted features, one severe PSI, an anomaly rate far above the validation rate); the output names
+the rules that fired.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> None:
         write_batch_outputs,
     )
     from trackflow.config import load_params
-    from trackflow.tracking import setup_tracking
+    from trackflow.tracking import scoring_experiment, setup_tracking
 
     options = {"psi_threshold": args.psi_threshold, "drift_share": args.drift_share}
     overrides = {f"batch.{k}": v for k, v in options.items() if v is not None}
@@ -43,16 +46,19 @@ def run(args: argparse.Namespace) -> None:
     frame = read_batch(args.batch)  # a bad file fails before the model loads
     tracking = setup_tracking(params.base.mlflow)
     model = load_model(tracking, args.model or f"models:/{params.model.name}@champion")
-    result = score_batch(frame, model, params.batch.psi_threshold, params.batch.drift_share)
+    result = score_batch(frame, model, params.batch)
     outputs = write_batch_outputs(result, args.batch)
     counts, drift = result.counts, result.drift
     print(f"scored {counts['n_rows']} rows with {model.uri} (version {model.version})")
     print(f"anomalies: {counts['n_anomalies']} ({counts['anomaly_rate']:.1%})")
-    print(
-        f"drift: {'DETECTED' if drift.detected else 'none'} "
-        f"({len(drift.drifted_features)}/{len(drift.features)} features above PSI "
-        f"{drift.psi_threshold}: {', '.join(drift.drifted_features[:5]) or '-'})"
-    )
+    print(f"drift: {drift.summary()}")
+    if drift.drifted_features:
+        print(f"most drifted features: {', '.join(drift.drifted_features[:5])}")
     print(f"wrote {outputs[0]} and {outputs[1]}")
     if not args.no_log:
-        print(f"MLflow run {log_batch_run(tracking, result, model, args.batch, outputs)}")
+        experiment = scoring_experiment(params.base.mlflow)
+        scoring = setup_tracking(params.base.mlflow, experiment)
+        run_id = log_batch_run(
+            scoring, result, model, args.batch, outputs, source="trackflow score"
+        )
+        print(f"MLflow run {run_id} (experiment {experiment!r})")

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
     from trackflow.io import atomic_outputs, read_json, read_table, write_json
     from trackflow.models import load_classifier
     from trackflow.stages.scoring import log_to_run
-    from trackflow.tracking import setup_tracking
+    from trackflow.tracking import setup_tracking, update_note
 
     params = load_params(args.params)
     config = params.anomaly
@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> None:
             "anomaly_threshold": f"{report.detectors[report.selected].threshold_:.6g}",
         }
         log_to_run(tracking, run_id, {"anomaly": report.metrics}, tags, plots, "anomaly")
+        auroc = report.metrics[report.selected]["all"]["auroc"]
+        note = f"Anomaly detector {report.selected}: test AUROC {auroc:.3f}."
+        update_note(tracking, run_id, "anomaly", note)
     log.info(
         "anomaly detectors (test AUROC, all anomalies): %s; saved %s",
         {n: round(m["all"]["auroc"], 4) for n, m in report.metrics.items()},

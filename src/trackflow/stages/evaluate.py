@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> None:
     from trackflow.io import atomic_outputs, read_json, write_json
     from trackflow.models import load_classifier, predict_proba
     from trackflow.stages.scoring import labelled_arrays, log_to_run
-    from trackflow.tracking import setup_tracking
+    from trackflow.tracking import setup_tracking, update_note
 
     params = load_params(args.params)
     require_inputs(args.model, args.run, args.history, made_by="train")
@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> None:
         ev.plot_reliability(reliability, metrics["test"]["ece"], plots / "reliability.png")
         tags = {"diagnosis": diagnosis.state, "diagnosis_reason": diagnosis.reason}
         log_to_run(tracking, run_id, metrics, tags, plots, "evaluate")
+        update_note(tracking, run_id, "evaluate", _summary(metrics["test"], diagnosis.state))
     log.info(
         "test accuracy %.4f, macro-F1 %.4f, ECE %.4f; baselines %s; diagnosis: %s (%s)",
         metrics["test"]["accuracy"],
@@ -90,6 +91,14 @@ def run(args: argparse.Namespace) -> None:
         metrics.get("baseline", {}),
         diagnosis.state,
         diagnosis.reason,
+    )
+
+
+def _summary(test: dict[str, float], diagnosis: str) -> str:
+    """The headline numbers, the evaluate stage's part of the run's description."""
+    return (
+        f"Test acc {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
+        f"ECE {test['ece']:.3f}; curves: {diagnosis}."
     )
 
 

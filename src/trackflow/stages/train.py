@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> None:
         require_inputs(args.backbone, made_by="pretrain")
     if args.resume is not None and not args.resume.is_file():
         raise ConfigError(f"--resume {args.resume}: no such checkpoint file")
-    with TrainingRun(params, config, "target", args.data, "train") as training:
+    with TrainingRun(params, config, "target", args.data, "train", config.mode) as training:
         backbone, origin = _backbone(training, args.backbone)
         ratio = 1.0 if config.mode == "scratch" else config.backbone_lr_ratio
         callbacks = transfer_callbacks(config.mode, config.unfreeze_at_epoch, ratio)

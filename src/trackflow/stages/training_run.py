@@ -21,10 +21,19 @@ from torch import nn
 
 from trackflow.config import OptimizationConfig, Params, flatten_params
 from trackflow.io import atomic_outputs, read_json, write_json
-from trackflow.lineage import log_datasets, run_tags
+from trackflow.lineage import log_datasets, params_hash, run_tags
 from trackflow.models import build_backbone, build_head, init_weights, save_network
 from trackflow.stages import require_inputs
-from trackflow.tracking import TAG_PREFIX, log_metrics, log_params, set_tags, setup_tracking
+from trackflow.tracking import (
+    TAG_PREFIX,
+    log_metrics,
+    log_params,
+    run_label,
+    set_tags,
+    setup_tracking,
+    source_tags,
+    update_note,
+)
 from trackflow.training import (
     ClassifierLitModule,
     EpochReport,
@@ -45,14 +54,24 @@ class TrainingRun:
         config: The stage's optimization section (``params.pretrain`` or ``params.train``).
         task: ``"source"`` or ``"target"``.
         data_dir: Folder written by the preprocess stage.
-        name: Stage name, used as run name and metric prefix.
+        name: Stage name, used as metric prefix and first part of the run's name.
+        mode: The transfer mode, if any, second part of the run's name.
+
+    The run is named ``<name>[-<mode>]-<DVC experiment name or params digest>``
+    (``train-finetune-3f2a1c``), so runs can be told apart in MLflow's runs table and charts.
     """
 
     def __init__(
-        self, params: Params, config: OptimizationConfig, task: str, data_dir: Path, name: str
+        self,
+        params: Params,
+        config: OptimizationConfig,
+        task: str,
+        data_dir: Path,
+        name: str,
+        mode: str | None = None,
     ) -> None:
         require_inputs(data_dir / "meta.json", made_by="preprocess")
-        self.params, self.config, self.name = params, config, name
+        self.params, self.config, self.name, self.mode = params, config, name, mode
         self.data_dir = data_dir
         self.data = FeatureDataModule(
             data_dir, task, params.data.label_column, config.batch_size, params.base.seed
@@ -72,8 +91,9 @@ class TrainingRun:
                 TAG_PREFIX + "data_digest": meta["dataset_digest"],
                 TAG_PREFIX + "preprocess_run_id": str(meta.get("run_id")),
             } | run_tags(self.params)
+            tags = source_tags(f"trackflow.stages.{self.name}") | tags
             run = self.tracking.client.create_run(
-                self.tracking.experiment_id, run_name=self.name, tags=tags
+                self.tracking.experiment_id, run_name=self.run_name, tags=tags
             )
             self.run_id = run.info.run_id
             try:
@@ -83,6 +103,11 @@ class TrainingRun:
                 self.__exit__(type(error), error, None)
                 raise
         return self
+
+    @property
+    def run_name(self) -> str:
+        """The MLflow run's name: stage, mode, DVC experiment name or params digest."""
+        return run_label(self.name, self.mode, params_hash(self.params)[:6])
 
     def __exit__(
         self,
@@ -146,6 +171,7 @@ class TrainingRun:
             f"{self.name}/best_val_acc": accuracy(self.module, self.data.datasets["val"])
         }
         log_metrics(self.tracking, self.run_id, self.metrics)
+        update_note(self.tracking, self.run_id, self.name, self.summary())
         client = self.tracking.client
         client.log_text(
             self.run_id, str(ModelSummary(self.module, max_depth=3)), "model_summary.txt"
@@ -154,6 +180,15 @@ class TrainingRun:
             if path:  # best: the weights kept; last: where `--resume` continues from
                 client.log_artifact(self.run_id, path, "checkpoints")
         log.info("%s: %s", self.name, ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items()))
+
+    def summary(self) -> str:
+        """One sentence of headline numbers, the stage's part of the run's description."""
+        what = f"{self.name} ({self.mode})" if self.mode else self.name
+        m = self.metrics
+        return (
+            f"{what}: {m[f'{self.name}/epochs']} epochs, best val loss "
+            f"{m[f'{self.name}/best_val_loss']:.4f}, val acc {m[f'{self.name}/best_val_acc']:.4f}."
+        )
 
     def log_network(self, file_name: str, with_head: bool) -> Path:
         """Save the fitted network under ``file_name`` and log it to the run as ``<name>/``."""
