@@ -256,7 +256,7 @@ def _handle_non_finite(counts: dict[str, int], policy: str) -> None:
             "%d NaN/inf feature values in %d columns will be imputed from training rows: %s",
             sum(counts.values()),
             len(counts),
-            counts,
+            preview(f"{name} ({n})" for name, n in counts.items()),
         )
 
 
