@@ -170,13 +170,23 @@ def test_repro_registers_a_champion_with_its_lineage_and_a_worse_experiment_is_n
     assert [e["action"] for e in json.loads(history)][-1] == "reject"
 
 
+def error_line(output: str) -> str:
+    (error,) = [line for line in output.splitlines() if line.startswith("error: ")]
+    return error
+
+
 def test_a_refused_stage_says_dvc_deleted_its_outputs_and_how_to_restore_them(repo: Path) -> None:
+    valid = (repo / "params.yaml").read_text()
+    edit_params(repo, {"data.source": "data/raw/absent.csv"})
+    first = error_line(sh("dvc", "repro", "params", "ingest", cwd=repo, fails=True))
+    assert first.endswith("dvc.lock records no successful run of it to restore")
+
+    (repo / "params.yaml").write_text(valid)
     assert ran(sh("dvc", "repro", "ingest", cwd=repo)) == ["ingest"]
     good = (repo / "data/ingested/dataset.parquet").read_bytes()
 
     edit_params(repo, {"data.source": "data/raw/absent.csv"})
-    refused = sh("dvc", "repro", "ingest", cwd=repo, fails=True)
-    (error,) = [line for line in refused.splitlines() if line.startswith("error: ")]
+    error = error_line(sh("dvc", "repro", "ingest", cwd=repo, fails=True))
     assert "data file 'data/raw/absent.csv' does not exist" in error
     assert "DVC deleted stage ingest's outputs before running it" in error
     assert "`dvc checkout ingest` restores its last good outputs from DVC's cache" in error

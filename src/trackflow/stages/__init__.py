@@ -81,10 +81,25 @@ def dvc_outputs_note() -> str:
     stage = os.environ.get("DVC_STAGE")
     if not stage:
         return ""
-    return (
-        f"DVC deleted stage {stage}'s outputs before running it and nothing new was written: "
-        f"`dvc checkout {stage}` restores its last good outputs from DVC's cache"
-    )
+    deleted = f"DVC deleted stage {stage}'s outputs before running it and nothing new was written"
+    if _locked_outputs(stage.rpartition(":")[2]) is False:
+        return f"{deleted}; dvc.lock records no successful run of it to restore"
+    return f"{deleted}: `dvc checkout {stage}` restores its last good outputs from DVC's cache"
+
+
+def _locked_outputs(name: str) -> bool | None:
+    """Whether ``dvc.lock`` records outputs of stage ``name``; ``None`` when it cannot be read.
+
+    DVC runs a stage's command in its ``wdir``, by default the folder of its ``dvc.yaml`` and
+    ``dvc.lock``.
+    """
+    import yaml
+
+    try:
+        lock = yaml.safe_load(Path("dvc.lock").read_text(encoding="utf-8"))
+        return bool(lock["stages"].get(name, {}).get("outs"))
+    except (OSError, yaml.YAMLError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def stage_main(
