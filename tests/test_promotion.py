@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
@@ -359,3 +362,112 @@ def test_a_champion_taking_other_columns_is_not_compared(
         "not compared: challenger version 2 takes 64 columns and champion version 1 63 (only the "
         "challenger version 2: pixel_0_0; only the champion version 1: none)"
     )
+
+
+# `trackflow promote --version K` on a version that cannot be gated: one line, nothing moved.
+# Each fault is made for real: files corrupted or deleted where MLflow stores them, or a plain
+# scikit-learn model registered beside trackflow's.
+
+
+def model_files(name: str, version: str) -> Path:
+    """The folder holding a registered version's files (its logged model's artifacts)."""
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    client = MlflowClient()
+    model_id = client.get_model_version(name, version).source.removeprefix("models:/")
+    return Path(local_file_uri_to_path(client.get_logged_model(model_id).artifact_location))
+
+
+def corrupt_weights(folder: Path) -> None:
+    (folder / "artifacts/model.pt").write_bytes(b"these are not weights")
+
+
+def break_detector(folder: Path) -> None:
+    """A detector fitted on 3 features: it loads, then fails on the model's 64-wide embedding."""
+    import joblib
+
+    bundle = joblib.load(folder / "artifacts/detector.joblib")
+    bundle["detector"].fit(np.random.default_rng(0).normal(size=(20, 3)))
+    joblib.dump(bundle, folder / "artifacts/detector.joblib")
+
+
+def delete_files(folder: Path) -> None:
+    shutil.rmtree(folder)
+
+
+def state(name: str) -> tuple:
+    """What a refused promotion must leave as it was: aliases, ledger, version 2's tags."""
+    client = MlflowClient()
+    version = client.get_model_version(name, "2")
+    aliases = dict(client.get_registered_model(name).aliases)
+    return aliases, len(ledger(client, name)), version.tags, version.description
+
+
+@pytest.mark.parametrize(
+    ("fault", "says"),
+    [
+        (corrupt_weights, "cannot be loaded from models:/m-"),
+        (break_detector, "cannot score the test rows: ValueError: X has 64 features"),
+        (delete_files, "cannot be loaded from models:/m-"),
+    ],
+)
+def test_a_broken_version_is_refused(
+    candidates, candidate_store, gate, capsys, fault: Callable[[Path], None], says: str
+) -> None:
+    assert gate(candidates["good"])["promoted"]
+    assert not gate(candidates["good"])["promoted"]  # version 2: the same model again
+    before = state(candidate_store)
+    fault(model_files(candidate_store, "2"))
+    capsys.readouterr()
+    assert promote("--version", "2", "--splits", str(candidates["good"].files["splits"])) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith(f"error: {candidate_store} challenger version 2 ")
+    assert says in errors[0] and len(errors[0]) < 400
+    assert state(candidate_store) == before
+
+
+def test_deleted_files_and_corrupt_files_are_told_apart(
+    candidates, candidate_store, gate, capsys
+) -> None:
+    gate(candidates["good"])
+    gate(candidates["good"])
+    gate(candidates["good"])
+    corrupt_weights(model_files(candidate_store, "2"))
+    delete_files(model_files(candidate_store, "3"))
+    splits = str(candidates["good"].files["splits"])
+    capsys.readouterr()
+    assert promote("--version", "2", "--splits", splits) == 1
+    assert "(its files are corrupt or unreadable: " in capsys.readouterr().err
+    assert promote("--version", "3", "--splits", splits) == 1
+    assert "its files are missing" in capsys.readouterr().err
+
+
+def test_a_model_that_is_not_trackflows_is_refused(
+    candidates, candidate_store, gate, capsys
+) -> None:
+    import mlflow
+    import mlflow.sklearn
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+
+    splits = candidates["good"].files["splits"]
+    assert gate(candidates["good"])["promoted"]
+    train = pd.read_parquet(splits / "target_train.parquet")
+    plain = LogisticRegression(max_iter=200).fit(train.drop(columns="target"), train["target"])
+    client = MlflowClient()
+    run_id = client.create_run(client.get_experiment_by_name("trackflow").experiment_id).info.run_id
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.sklearn.log_model(plain, name="plain", pip_requirements=[])
+    client.create_model_version(
+        candidate_store, info.model_uri, run_id=run_id, model_id=info.model_id
+    )
+    before = len(ledger(client, candidate_store))
+    capsys.readouterr()
+    assert promote("--version", "2", "--splits", str(splits)) == 1
+    err = capsys.readouterr().err
+    assert f"error: {candidate_store} challenger version 2 is not a trackflow model" in err
+    assert "Traceback" not in err and "KeyError" not in err
+    assert len(ledger(client, candidate_store)) == before
+    assert aliases(candidate_store) == {CHAMPION: "1"}

@@ -66,6 +66,7 @@ class Contender:
     """A version the gate scores: how it predicts, the raw columns it takes, the rows it saw.
 
     Attributes:
+        name: Its registered model.
         version: Its version number.
         role: ``"challenger"`` or ``"champion"``.
         predict: Raw rows in, ``label`` and ``anomaly_score`` (at least) out.
@@ -73,6 +74,7 @@ class Contender:
         seen: Its training and validation rows; None when it recorded none.
     """
 
+    name: str
     version: str
     role: str
     predict: Callable[[pd.DataFrame], pd.DataFrame] = field(repr=False)
@@ -95,7 +97,9 @@ class Contender:
         try:
             return evaluate(self.predict, gate_set)
         except Exception as exc:  # any failure of the model's own code: say which and why
-            raise PromotionError(f"{self.label} cannot score the test rows: {why(exc)}") from None
+            raise PromotionError(
+                f"{self.name} {self.label} cannot score the test rows: {why(exc)}"
+            ) from None
 
 
 def why(exc: BaseException) -> str:
@@ -132,7 +136,7 @@ def load_contender(tracking: Tracking, name: str, version: str, role: str) -> Co
             " only versions registered by the register stage can be gated"
         )
     seen = read_seen_rows(tracking, model_version.run_id)
-    return Contender(str(version), role, model.predict, scorer.columns, seen)
+    return Contender(name, str(version), role, model.predict, scorer.columns, seen)
 
 
 def _load_problem(exc: BaseException) -> str:

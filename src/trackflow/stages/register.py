@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> None:
         lineage,
         params.promotion.lock_timeout_s,
     )
-    challenger = Contender(version, "challenger", scorer.predict, scorer.columns, seen)
+    challenger = Contender(name, version, "challenger", scorer.predict, scorer.columns, seen)
     decision = promote_if_better(
         tracking, name, version, gate_set, params.promotion, params.base.seed, challenger
     )
