@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -57,9 +58,10 @@ def champion(candidates, tmp_path_factory) -> dict:
 
 
 def test_signature_and_input_example(champion) -> None:
+    """Outputs declared; inputs checked by the model itself, their columns named in metadata."""
     info = champion["info"]
-    inputs = info.signature.inputs.input_names()
-    assert inputs == list(champion["rows"].columns)
+    assert info.signature.inputs is None
+    assert info.metadata["input_columns"] == list(champion["rows"].columns)
     outputs = info.signature.outputs.input_names()
     assert outputs == [
         "label",
@@ -102,6 +104,69 @@ def test_the_champion_loads_and_scores_in_a_fresh_process(champion, tmp_path) ->
     )
 
 
+def integer_table(champion: dict, folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A CSV of whole numbers read back with pandas (int64 columns), and its rows' scores as
+    floats."""
+    path = folder / "integers.csv"
+    champion["rows"].head(ROWS).round().astype("int64").to_csv(path, index=False)
+    table = pd.read_csv(path)
+    assert set(table.dtypes) == {np.dtype("int64")}
+    return table, champion["scorer"].predict(table.astype("float64"))
+
+
+def load_champion(champion: dict, monkeypatch: pytest.MonkeyPatch):
+    import mlflow
+
+    from trackflow.config import MlflowConfig
+    from trackflow.tracking import fluent_tracking, setup_tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", champion["uri"])
+    with fluent_tracking(setup_tracking(MlflowConfig())):
+        return mlflow.pyfunc.load_model(champion["model"])
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int32", "float32"])
+def test_the_pyfunc_scores_integer_and_float32_columns(
+    champion, monkeypatch, tmp_path, dtype: str
+) -> None:
+    """What MLflow refused with "Can not safely convert int64 to float64"."""
+    model = load_champion(champion, monkeypatch)
+    table, expected = integer_table(champion, tmp_path)
+
+    scored = model.predict(table.astype(dtype))
+
+    assert scored["label"].tolist() == expected["label"].tolist()
+    np.testing.assert_allclose(scored["anomaly_score"], expected["anomaly_score"], rtol=1e-6)
+    np.testing.assert_allclose(scored["proba_5"], expected["proba_5"], rtol=1e-5, atol=1e-7)
+
+
+def test_the_accepted_range_is_a_billion_standard_deviations(champion) -> None:
+    scorer = champion["scorer"]
+    scaler = scorer.preprocessor.named_steps["scale"]
+    low, high = scorer.limits
+    np.testing.assert_allclose(low, scaler.mean_ - 1e9 * scaler.scale_)
+    np.testing.assert_allclose(high, scaler.mean_ + 1e9 * scaler.scale_)
+    rows = champion["rows"].head(2).astype(float)
+    ends = rows.assign(pixel_3_3=[low[27], high[27]])
+    assert scorer.predict(ends)["anomaly_score"].map(np.isfinite).all()
+
+
+@pytest.mark.parametrize("value", [1e39, -1e25, 1e50, 1.7976931348623157e308])
+def test_huge_values_are_refused_naming_row_and_column(champion, monkeypatch, value) -> None:
+    """Finite values that overflowed float32 once scaled: NaN errors, or a null anomaly score."""
+    from mlflow.exceptions import MlflowException
+
+    rows = champion["rows"].head(3).astype(float)
+    rows.iloc[2, 27] = value  # pixel_3_3
+    message = f"values out of the model's range at row 2 column pixel_3_3 ({value:.6g}, not in "
+    with pytest.raises(InputError) as error:
+        champion["scorer"].predict(rows)
+    assert str(error.value).startswith(message)
+    assert "check the units" in str(error.value)
+    with pytest.raises(MlflowException, match=re.escape(message)):
+        load_champion(champion, monkeypatch).predict(rows)
+
+
 def test_anomalies_score_higher_than_healthy_rows(champion) -> None:
     rows = champion["rows"]
     healthy = champion["scorer"].predict(rows)
@@ -136,15 +201,9 @@ def test_columns_in_another_order_and_integer_values_are_fine(champion) -> None:
 
 
 def test_the_pyfunc_refuses_bad_tables_with_the_same_message(champion, monkeypatch) -> None:
-    import mlflow
     from mlflow.exceptions import MlflowException
 
-    from trackflow.config import MlflowConfig
-    from trackflow.tracking import fluent_tracking, setup_tracking
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", champion["uri"])
-    with fluent_tracking(setup_tracking(MlflowConfig())):
-        model = mlflow.pyfunc.load_model(champion["model"])
+    model = load_champion(champion, monkeypatch)
     rows = champion["rows"].head(2)
     for bad, message in (
         (rows.assign(pixel_0_1=np.nan), "NaN or infinite"),
@@ -152,8 +211,12 @@ def test_the_pyfunc_refuses_bad_tables_with_the_same_message(champion, monkeypat
     ):
         with pytest.raises(MlflowException, match=message):
             model.predict(bad)
-    with pytest.raises(MlflowException, match="pixel_0_1"):  # MLflow's own schema check
-        model.predict(rows.drop(columns=["pixel_0_1"]))
+    for bad, message in (
+        (rows.drop(columns=["pixel_0_1"]), "^missing columns: pixel_0_1. The model takes"),
+        (rows.assign(extra=1.0), "^unexpected columns: extra"),  # not dropped without a word
+    ):
+        with pytest.raises(MlflowException, match=message):
+            model.predict(bad)
     assert set(model.unwrap_python_model().profile["features"]) == set(rows.columns)
 
 
@@ -163,10 +226,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+def post(url: str, body: dict | str, media_type: str = "application/json") -> tuple[int, dict]:
+    data = (body if isinstance(body, str) else json.dumps(body)).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": media_type})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -214,6 +276,22 @@ def test_mlflow_models_serve_answers_invocations(champion, tmp_path) -> None:
         bad = rows.assign(pixel_0_1=None).to_dict(orient="split")
         status, body = post(f"{base}/invocations", {"dataframe_split": bad})
         assert status == 400 and "NaN or infinite values" in body["message"]
+        status, body = post(
+            f"{base}/invocations", {"dataframe_split": (rows * 0 + 1e39).to_dict("split")}
+        )
+        assert status == 400 and body["message"].startswith("values out of the model's range")
+        table, expected = integer_table(champion, tmp_path)
+        answers = {
+            "csv": post(f"{base}/invocations", table.to_csv(index=False), "text/csv"),
+            "split": post(f"{base}/invocations", {"dataframe_split": table.to_dict("split")}),
+        }
+        for form, (status, body) in answers.items():
+            assert status == 200, (form, body)
+            served = pd.DataFrame(body["predictions"])
+            assert served["label"].tolist() == expected["label"].tolist(), form
+            np.testing.assert_allclose(
+                served["anomaly_score"], expected["anomaly_score"], rtol=1e-6
+            )
     finally:
         server.terminate()
         server.wait(timeout=30)

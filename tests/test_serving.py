@@ -39,7 +39,9 @@ from trackflow.packaging import Scorer, log_packaged_model
 from trackflow.preprocessing import build_preprocessor
 from trackflow.serving import (
     TOKEN_VARIABLE,
+    Batcher,
     ModelFollower,
+    ServedModel,
     ServeSettings,
     _plain_numbers,
     create_app,
@@ -488,6 +490,36 @@ BAD_REQUESTS = {
         422,
         "NaN or infinite values at row 0 column pixel_0_0",
     ),
+    "a huge number": (
+        PREDICTIONS,
+        lambda r: {"data": with_cell(r, "1e50", column="pixel_3_3")},
+        422,
+        "values out of the model's range at row 0 column pixel_3_3 (1e+50, not in ",
+    ),
+    "a number that overflows float32 once scaled": (
+        PREDICTIONS,
+        lambda r: {"data": with_cell(r, "-3e30", row=1)},
+        422,
+        "values out of the model's range at row 1 column pixel_0_0 (-3e+30, not in ",
+    ),
+    "every cell huge": (
+        "/invocations",
+        lambda r: {"json": {"dataframe_split": (r.head(2) * 0 + 1e39).to_dict("split")}},
+        422,
+        "values out of the model's range at row 0 column pixel_0_0 (1e+39, not in ",
+    ),
+    "1e308 as records": (
+        "/invocations",
+        lambda r: {"json": {"dataframe_records": row_dicts(r.head(1) * 0 + 1e308)}},
+        422,
+        "values out of the model's range at row 0 column pixel_0_0 (1e+308",
+    ),
+    "a lone surrogate escape": (
+        PREDICTIONS,
+        lambda r: {"data": b'{"rows":[{"\\ud800":1}]}'},
+        400,
+        "malformed JSON: a string holds a lone surrogate escape",
+    ),
     "a row that is not an object": (
         PREDICTIONS,
         lambda r: {"json": {"rows": [row_dicts(r)[0], [1, 2]]}},
@@ -516,13 +548,26 @@ BAD_REQUESTS = {
         "/invocations",
         lambda r: {"json": {"rows": row_dicts(r)}},
         422,
-        "exactly one of dataframe_split, dataframe_records, instances, inputs; got an object",
+        "exactly one of dataframe_split, dataframe_records, instances, inputs and no other key; "
+        "got an object with keys rows",
     ),
     "invocations with two format keys": (
         "/invocations",
         lambda r: {"json": {"instances": row_dicts(r), "inputs": row_dicts(r)}},
         422,
         "exactly one of dataframe_split",
+    ),
+    "invocations with params": (
+        "/invocations",
+        lambda r: {"json": {"instances": row_dicts(r), "params": {"k": 1}}},
+        422,
+        "and no other key; got an object with keys instances, params",
+    ),
+    "invocations split with an unknown key": (
+        "/invocations",
+        lambda r: {"json": {"dataframe_split": r.head(1).to_dict("split") | {"dtype": "f"}}},
+        422,
+        'dataframe_split must be an object {"columns": [...], "data": [[...], ...]}',
     ),
     "invocations split with a missing column": (
         "/invocations",
@@ -571,15 +616,22 @@ def test_bad_input_gets_a_4xx_with_a_clear_message_and_no_traceback(
 
 
 def checking_scorer(columns: list[str], imputes: bool) -> Scorer:
-    """A Scorer for checking rows only: the pipeline's steps (unfitted), no network."""
+    """A Scorer for checking rows only: the pipeline fitted on three rows, no network.
+
+    Column ``a`` has mean 4 and standard deviation ~3.27: it takes about -3.27e9 to 3.27e9.
+    """
     preprocessor = build_preprocessor(PreprocessConfig(), impute=imputes, seed=0)
+    preprocessor.fit(pd.DataFrame({"a": [0.0, 4.0, 8.0], "b": [1.0, 2.0, 4.0]})[columns])
     return Scorer(preprocessor, network=None, detector={}, columns=columns, classes=[0, 1])
 
 
 @pytest.mark.parametrize("imputes", [False, True], ids=["not imputing", "imputing"])
 @pytest.mark.parametrize(
     "value",
-    [0, 7, 2.5, 2**53, 2**60, 2**70, -(2**64), True, "3", None, float("nan"), -math.inf, [1]],
+    [
+        *(0, 7, 2.5, 2**31, 2**53, 2**60, 2**70, -(2**64), 3e9, -3.3e9, 1e25, -1e30, 1e39),
+        *(1e50, 1e308, -1.7976931348623157e308, True, "3", None, float("nan"), -math.inf, [1]),
+    ],
 )
 def test_rows_are_taken_and_refused_exactly_as_the_model_checks_them(
     value: Any, imputes: bool
@@ -623,6 +675,7 @@ def test_unknown_routes_and_methods_answer_in_the_same_error_shape(open_server) 
         "error_code": "METHOD_NOT_ALLOWED",
         "message": f"GET {PREDICTIONS}: Method Not Allowed",
     }
+    assert wrong.headers["Allow"] == "POST"
 
 
 def test_the_access_log_names_the_version_that_answered(open_server, registry) -> None:
@@ -924,3 +977,164 @@ def test_stopping_the_service_leaves_the_event_loop_free_while_a_load_finishes()
         return time.perf_counter() - start
 
     assert asyncio.run(stop_while_loading()) < 5  # blocked: 10 s, until the load gave up
+
+
+# --- one client's bad numbers fail only that client ---------------------------------------------
+
+
+def test_a_batch_that_fails_is_scored_request_by_request(
+    candidates: dict[str, Candidate], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request whose rows fail in scoring fails alone; the requests batched with it answer.
+
+    The poisoned rows skip the checks (they go to the batcher directly), so scoring them meets a
+    real fault: 1e50 overflows float32 in the network and the detector refuses the NaN.
+    """
+    files = candidates["good"].files
+    scorer = Scorer.from_files(files["preprocessor"], files["model"], files["detector"])
+    served = ServedModel("m", "1", None, "", scorer, {}, "now")
+    rows = scorer.check(training_rows(candidates["good"]).head(8)).to_numpy()
+    valid = [rows[start : start + 2] for start in range(0, 8, 2)]
+    poisoned = np.full((1, rows.shape[1]), 1e50)
+    with pytest.raises(ValueError):
+        served.score(poisoned)
+    batcher = Batcher(max_rows=100)
+
+    async def score_together() -> list[Any]:
+        requests_ = [valid[0], poisoned, *valid[1:]]
+        calls = [batcher.score(served, values) for values in requests_]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    with caplog.at_level(logging.WARNING, logger="trackflow.serving"):
+        answers = asyncio.run(score_together())
+
+    assert "a batch of 5 requests failed; scoring them one by one" in caplog.text
+    assert isinstance(answers[1], ValueError)
+    assert [answers[0], *answers[2:]] == [served.score(values) for values in valid]
+
+
+def test_a_client_sending_huge_numbers_fails_alone_beside_valid_clients(
+    open_server, registry
+) -> None:
+    """Four clients send valid rows while a fifth sends 1e308 and 1e30 rows: only it fails."""
+    reference = open_server.predict(registry.rows.head(3)).json()["predictions"]
+    huge = [registry.rows.head(3) * 0 + value for value in (1e308, 1e30)]
+    bodies = {
+        "valid": json.dumps({"rows": row_dicts(registry.rows, 3)}).encode(),
+        "poisoned": [json.dumps({"rows": row_dicts(rows, 3)}).encode() for rows in huge],
+    }
+    answers: dict[str, list[tuple[int, Any]]] = {"valid": [], "poisoned": []}
+    stop = threading.Event()
+    url = f"http://127.0.0.1:{open_server.port}{PREDICTIONS}"
+
+    def client(kind: str) -> None:
+        session = requests.Session()
+        count = 0
+        while not stop.is_set():
+            body = bodies[kind] if kind == "valid" else bodies[kind][count % 2]
+            response = session.post(url, data=body, timeout=30)
+            answers[kind].append((response.status_code, response.json()))
+            count += 1
+
+    clients = [threading.Thread(target=client, args=(kind,)) for kind in ["valid"] * 4]
+    clients.append(threading.Thread(target=client, args=("poisoned",)))
+    for thread in clients:
+        thread.start()
+    time.sleep(3.0)
+    stop.set()
+    for thread in clients:
+        thread.join()
+
+    assert len(answers["valid"]) > 20 and len(answers["poisoned"]) > 5
+    assert {status for status, _ in answers["valid"]} == {200}
+    for _, body in answers["valid"]:  # batched with others: equal up to float32 rounding
+        got = body["predictions"]
+        assert [p["label"] for p in got] == [p["label"] for p in reference]
+        np.testing.assert_allclose(
+            [p["anomaly_score"] for p in got], [p["anomaly_score"] for p in reference], rtol=1e-5
+        )
+    assert {status for status, _ in answers["poisoned"]} == {422}
+    assert all(
+        body["message"].startswith("values out of the model's range at row 0 column pixel_0_0")
+        for _, body in answers["poisoned"]
+    )
+
+
+def test_a_csv_of_integers_scores_as_its_floats(open_server, registry, tmp_path: Path) -> None:
+    """Integer columns (pandas reads a CSV of whole numbers as int64) score like floats."""
+    path = tmp_path / "integers.csv"
+    registry.rows.head(8).round().astype("int64").to_csv(path, index=False)
+    table = pd.read_csv(path)
+    assert set(table.dtypes) == {np.dtype("int64")}
+    expected = open_server.predict(table.astype("float64")).json()["predictions"]
+
+    answers = {
+        "csv": open_server.request(
+            "POST", "/invocations", data=path.read_bytes(), headers={"Content-Type": "text/csv"}
+        ),
+        "split": open_server.request(
+            "POST", "/invocations", json={"dataframe_split": table.to_dict(orient="split")}
+        ),
+    }
+    for form, answer in answers.items():
+        assert answer.status_code == 200, (form, answer.text)
+        got = answer.json()["predictions"]
+        assert [p["label"] for p in got] == [p["label"] for p in expected], form
+        np.testing.assert_allclose(
+            [p["anomaly_score"] for p in got], [p["anomaly_score"] for p in expected], rtol=1e-6
+        )
+
+
+# --- the published contract ---------------------------------------------------------------------
+
+
+ROUTES = {
+    "/health",
+    "/ready",
+    "/ping",
+    "/models/{name}",
+    "/models/{name}/predictions",
+    "/invocations",
+}
+
+
+def test_the_openapi_document_describes_every_route_and_the_rows_taken(
+    open_server, registry
+) -> None:
+    document = open_server.request("GET", "/openapi.json").json()
+
+    assert set(document["paths"]) == ROUTES
+    schemas = document["components"]["schemas"]
+    for item in document["paths"].values():
+        for operation in item.values():
+            answer = operation["responses"]["200"]["content"]["application/json"]["schema"]
+            assert answer["$ref"].removeprefix("#/components/schemas/") in schemas
+            assert "security" not in operation  # no token on this server
+    body = document["paths"]["/models/{name}/predictions"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"]["$ref"].endswith("/PredictionRequest")
+    row = schemas["Row"]
+    assert row["required"] == list(registry.rows.columns)
+    assert row["additionalProperties"] is False
+    cell = row["properties"]["pixel_3_3"]
+    low, high = cell["minimum"], cell["maximum"]
+    assert low < -1e8 and high > 1e8
+    at_the_ends = registry.rows.head(2).assign(pixel_3_3=[low, high])
+    beyond = registry.rows.head(1).assign(pixel_3_3=np.nextafter(high, np.inf))
+    assert open_server.predict(at_the_ends).status_code == 200
+    assert open_server.predict(beyond).status_code == 422
+    docs = open_server.request("GET", "/docs")
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
+
+
+def test_the_openapi_document_and_docs_take_the_token_when_one_is_set(guarded_server) -> None:
+    for path in ("/openapi.json", "/docs"):
+        assert guarded_server.request("GET", path, auth=False).status_code == 401
+        assert guarded_server.request("GET", path).status_code == 200
+    document = guarded_server.request("GET", "/openapi.json").json()
+    assert document["components"]["securitySchemes"] == {
+        "bearer": {"type": "http", "scheme": "bearer"}
+    }
+    paths = document["paths"]
+    assert paths["/invocations"]["post"]["security"] == [{"bearer": []}]
+    assert "401" in paths["/models/{name}"]["get"]["responses"]
+    assert "security" not in paths["/health"]["get"]

@@ -18,8 +18,17 @@ class InputError(DataError):
     """Rows to score do not match the model's input schema."""
 
 
+#: Accepted range of a raw value, in units of the fitted scaler: at most this far from the training
+#: data's centre once scaled (a billion standard deviations for the standard scaler). Far beyond
+#: any real measurement, and leaves the float32 network and detector a wide margin before overflow.
+MAX_SCALED = 1e9
+
+
 def check_rows(
-    frame: pd.DataFrame, columns: Sequence[str], allow_nan: bool = False
+    frame: pd.DataFrame,
+    columns: Sequence[str],
+    allow_nan: bool = False,
+    limits: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """The rows as float64 in the model's column order, or an error naming everything wrong.
 
@@ -28,10 +37,12 @@ def check_rows(
         columns: The feature columns the model was trained on, in order.
         allow_nan: Let NaN (a missing value) through, for a model that imputes; infinities are
             refused either way.
+        limits: Lowest and highest value each column takes, shape (n_features,) each
+            (:func:`check_range`); None: any finite value.
 
     Raises:
         InputError: The frame is not a table, is empty, misses or adds columns, has non-numeric
-            columns, or holds NaN/inf.
+            columns, or holds NaN/inf or values out of ``limits``.
     """
     if not isinstance(frame, pd.DataFrame):
         raise InputError(f"expected a table (pandas DataFrame) of rows, got {type(frame).__name__}")
@@ -74,4 +85,41 @@ def check_rows(
         ]
         what = "infinite values" if allow_nan else "NaN or infinite values"
         raise InputError(f"{what} at {preview(cells, limit=4)}")
+    if limits is not None:
+        check_range(values, expected, limits, frame.index)
     return pd.DataFrame(values, columns=expected, index=frame.index)
+
+
+def check_range(
+    values: np.ndarray,
+    columns: Sequence[str],
+    limits: tuple[np.ndarray, np.ndarray],
+    index: Sequence[object] | None = None,
+) -> None:
+    """Refuse values out of the range the model takes, naming each row and column.
+
+    Args:
+        values: Rows as float64, shape (n_rows, n_features), columns in the model's order; NaN
+            (a missing value) passes.
+        columns: The model's feature columns, in order.
+        limits: Lowest and highest value of each column, shape (n_features,) each.
+        index: Row labels for the message; default: positions.
+
+    Raises:
+        InputError: A value is below its column's lowest or above its highest.
+    """
+    low, high = limits
+    bad = (values < low) | (values > high)
+    if not bad.any():
+        return
+    rows, cols = np.nonzero(bad)
+    cells = [
+        f"row {r if index is None else index[r]!s} column {columns[c]} "
+        f"({values[r, c]:.6g}, not in {low[c]:.6g} to {high[c]:.6g})"
+        for r, c in zip(rows, cols, strict=True)
+    ]
+    raise InputError(
+        f"values out of the model's range at {preview(cells, limit=4, width=100)}; it takes "
+        f"values up to {MAX_SCALED:g} times the training data's spread from its centre: check "
+        "the units of these columns"
+    )

@@ -27,7 +27,8 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from trackflow.inputs import InputError, check_rows
+from trackflow.errors import preview
+from trackflow.inputs import MAX_SCALED, InputError, check_rows
 
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
@@ -62,6 +63,8 @@ class Scorer:
         steps = [_array_step(step) for _, step in self.preprocessor.steps]
         self._scale = [step for step in steps[:-1] if step is not None]
         self._reduce = steps[-1]
+        #: Lowest and highest raw value of each column the model takes (:func:`accepted_range`).
+        self.limits = accepted_range(self._scale, len(self.columns))
 
     @classmethod
     def from_files(
@@ -92,7 +95,7 @@ class Scorer:
 
     def check(self, frame: pd.DataFrame) -> pd.DataFrame:
         """:func:`~trackflow.inputs.check_rows` for this model (NaN allowed if it imputes)."""
-        return check_rows(frame, self.columns, allow_nan=self.imputes)
+        return check_rows(frame, self.columns, allow_nan=self.imputes, limits=self.limits)
 
     def score(self, rows: pd.DataFrame) -> pd.DataFrame:
         """Score rows already checked by :func:`~trackflow.inputs.check_rows`.
@@ -117,11 +120,50 @@ class Scorer:
         space = embedding.numpy() if self.detector["space"] == "embedding" else scaled
         detector = self.detector["detector"]
         normality = detector.score_samples(space)
+        _require_finite(rows.index, proba, normality)
         out = {"label": np.asarray(self.classes)[proba.argmax(axis=1)]}
         out |= {f"proba_{c}": proba[:, i].astype(np.float64) for i, c in enumerate(self.classes)}
         out["anomaly_score"] = -normality.astype(np.float64)
         out["is_anomaly"] = normality < detector.threshold_
         return pd.DataFrame(out, index=rows.index)
+
+
+def _require_finite(index: pd.Index, proba: np.ndarray, normality: np.ndarray) -> None:
+    """Refuse rows whose probabilities or anomaly score came out NaN or infinite.
+
+    A safety net behind :func:`accepted_range`: no such row is answered with a null score.
+    """
+    finite = np.isfinite(proba).all(axis=1) & np.isfinite(normality)
+    if not finite.all():
+        rows = preview(index[~finite], limit=4)
+        raise InputError(
+            f"the model's output for row {rows} is not finite: the values are too far from the "
+            "training data to score; check their units"
+        )
+
+
+def accepted_range(scale: list[Any], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The raw values whose scaled magnitude is at most :data:`~trackflow.inputs.MAX_SCALED`.
+
+    Every scaler of the pipeline (standard, min-max, none; an imputer before it changes no
+    finite value) maps each column by ``offset + slope * x``, read off here from the fitted steps
+    on rows of zeros and ones.
+
+    Args:
+        scale: The fitted array steps before the reduction (:func:`_array_step`).
+        width: Number of raw feature columns.
+
+    Returns:
+        Lowest and highest accepted value per column, shape (width,) each.
+    """
+    probe = np.array([np.zeros(width), np.ones(width)])
+    for step in scale:
+        probe = step.transform(probe)
+    offset, slope = probe[0], probe[1] - probe[0]
+    with np.errstate(divide="ignore", invalid="ignore"):  # slope 0: the value does not matter
+        ends = np.sort([(-MAX_SCALED - offset) / slope, (MAX_SCALED - offset) / slope], axis=0)
+    ends[:, slope == 0] = [[-np.inf], [np.inf]]
+    return ends[0], ends[1]
 
 
 def _array_step(step: Any) -> Any:
@@ -192,14 +234,18 @@ def log_packaged_model(
 ) -> ModelInfo:
     """Log preprocessor + network + detector to ``run_id`` as one pyfunc model named ``model``.
 
-    The signature is inferred from ``example`` (raw rows) and the model's own output on it, which
-    also checks that the three parts fit together before anything is logged. ``reference`` (the
-    raw training rows) is profiled into the model's ``profile`` artifact.
+    The signature declares the outputs, inferred from the model's own output on ``example`` (raw
+    rows), which also checks that the three parts fit together before anything is logged. It
+    declares no inputs: MLflow would refuse int64 columns for ``double`` ones and drop extra
+    columns without a word. The model checks its input itself (:meth:`Scorer.check`: any integer
+    or float columns, clear messages); its columns are in the input example and in the MLmodel
+    file's ``metadata`` (``input_columns``). ``reference`` (the raw training rows) is profiled
+    into the model's ``profile`` artifact.
 
     Returns:
         MLflow's ``ModelInfo``; ``model_uri`` is the logged model's ``models:/m-<id>`` URI.
     """
-    from mlflow.models import Model, infer_signature
+    from mlflow.models import Model, ModelSignature, infer_signature
 
     from trackflow.drift import build_profile
     from trackflow.tracking import fluent_tracking
@@ -208,7 +254,7 @@ def log_packaged_model(
     example = scorer.check(example)
     with warnings.catch_warnings():  # MLflow's hint that int columns cannot hold NaN: labels
         warnings.simplefilter("ignore", UserWarning)
-        signature = infer_signature(example, scorer.score(example))
+        outputs = infer_signature(example, scorer.score(example)).outputs
     # Created here, in the run's experiment: Model.log alone would file it under the process's
     # active experiment (Default, with artifacts relative to the working directory).
     logged = tracking.client.create_logged_model(
@@ -230,8 +276,9 @@ def log_packaged_model(
                 "detector": str(detector),
                 "profile": str(profile),
             },
-            signature=signature,
+            signature=ModelSignature(outputs=outputs),
             input_example=example,
+            metadata={"input_columns": scorer.columns, "input_type": "number"},
             pip_requirements=pip_requirements(),
             model_id=logged.model_id,
         )

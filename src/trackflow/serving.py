@@ -49,8 +49,9 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
+from trackflow import __version__, serving_api
 from trackflow.errors import preview
-from trackflow.inputs import InputError
+from trackflow.inputs import InputError, check_range
 from trackflow.tracking import TAG_PREFIX, is_transient_error
 
 if TYPE_CHECKING:
@@ -135,13 +136,22 @@ def parse_json(body: bytes) -> Any:
     except orjson.JSONDecodeError:
         pass
     try:  # the standard parser reads NaN/Infinity, which Python clients send and orjson refuses
-        return json.loads(body)
+        payload = json.loads(body)
     except UnicodeDecodeError:
         raise RequestError(400, "malformed request: the body is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise RequestError(400, f"malformed JSON: {exc}") from None
     except RecursionError:
         raise RequestError(400, "malformed JSON: nested too deeply") from None
+    try:  # it also reads lone surrogate escapes ("\ud800"), which are not text: orjson says so
+        orjson.dumps(payload)
+    except orjson.JSONEncodeError:
+        raise RequestError(
+            400,
+            "malformed JSON: a string holds a lone surrogate escape (\\ud800-\\udfff), "
+            "which is not Unicode text",
+        ) from None
+    return payload
 
 
 def prediction_rows(body: bytes, scorer: Scorer, max_rows: int) -> np.ndarray:
@@ -170,7 +180,7 @@ def invocation_rows(body: bytes, media_type: str, scorer: Scorer, max_rows: int)
 
     JSON holds exactly one of ``dataframe_split`` (``{"columns", "data"}``),
     ``dataframe_records``, ``instances`` or ``inputs`` (a list of row objects, or an object of
-    columns); a ``params`` key is ignored (the model takes none).
+    columns), and no other key (``params`` neither: the model takes none, as MLflow says too).
     """
     if media_type == "text/csv":
         return csv_rows(body, scorer, max_rows)
@@ -180,10 +190,10 @@ def invocation_rows(body: bytes, media_type: str, scorer: Scorer, max_rows: int)
         )
     payload = parse_json(body)
     keys = [key for key in INVOCATION_KEYS if isinstance(payload, dict) and key in payload]
-    if len(keys) != 1:
+    if len(keys) != 1 or len(payload) != 1:
         raise InputError(
-            f"the body must be a JSON object with exactly one of {', '.join(INVOCATION_KEYS)}; "
-            f"got {_describe_json(payload)}"
+            f"the body must be a JSON object with exactly one of {', '.join(INVOCATION_KEYS)} "
+            f"and no other key; got {_describe_json(payload)}"
         )
     data = payload[keys[0]]
     if keys[0] == "dataframe_split":
@@ -202,7 +212,7 @@ def records_rows(records: Any, scorer: Scorer, max_rows: int) -> np.ndarray:
     if all(type(row) is dict and row.keys() == expected for row in records):
         values = _plain_numbers([[row[c] for c in columns] for row in records], scorer.imputes)
         if values is not None:
-            return values
+            return _in_range(values, scorer)
     for number, row in enumerate(records):
         if not isinstance(row, dict):
             raise InputError(
@@ -221,10 +231,15 @@ def records_rows(records: Any, scorer: Scorer, max_rows: int) -> np.ndarray:
 
 def split_rows(split: Any, scorer: Scorer, max_rows: int) -> np.ndarray:
     """Rows given as ``{"columns": [...], "data": [[...], ...]}`` (pandas' ``orient="split"``)."""
-    if not isinstance(split, dict) or not isinstance(split.get("data"), list):
+    if (
+        not isinstance(split, dict)
+        or not isinstance(split.get("data"), list)
+        or not set(split) <= {"columns", "data", "index"}
+        or not isinstance(split.get("index", []), list)
+    ):
         raise InputError(
-            'dataframe_split must be an object {"columns": [...], "data": [[...], ...]}, '
-            f"got {_describe_json(split)}"
+            'dataframe_split must be an object {"columns": [...], "data": [[...], ...]} (and '
+            f'optionally "index": [...]), got {_describe_json(split)}'
         )
     data = split["data"]
     _require_rows(len(data), max_rows)
@@ -234,7 +249,7 @@ def split_rows(split: Any, scorer: Scorer, max_rows: int) -> np.ndarray:
     ):
         values = _plain_numbers(data, scorer.imputes)
         if values is not None:
-            return values
+            return _in_range(values, scorer)
     frame = _frame(data, split.get("columns"), "dataframe_split")
     return _checked(frame, scorer, max_rows)
 
@@ -271,6 +286,12 @@ def _plain_numbers(table: list[list[Any]], allow_missing: bool) -> np.ndarray | 
         return values if np.isfinite(values).all() else None
     if np.isinf(values).any() or (type(None) in kinds and _null_column(table, values)):
         return None
+    return values
+
+
+def _in_range(values: np.ndarray, scorer: Scorer) -> np.ndarray:
+    """``values`` of the fast path, once ``check_rows``' range check has passed them."""
+    check_range(values, scorer.columns, scorer.limits)
     return values
 
 
@@ -618,13 +639,14 @@ class Batcher:
             return
         pending, self._pending, self._scheduled = self._pending, [], False
         for batch in self._batches(pending):
-            served, start = batch[0][0], time.perf_counter()
+            start = time.perf_counter()
             try:
-                records = served.score(np.concatenate([values for _, values, _ in batch]))
+                records = batch[0][0].score(np.concatenate([values for _, values, _ in batch]))
             except Exception as exc:
-                for *_, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                if len(batch) == 1:
+                    _fail(batch[0][2], exc)
+                else:  # only the requests that fail on their own fail
+                    self._score_alone(batch)
                 continue
             log.debug(
                 "scored %d requests, %d rows in %.2f ms",
@@ -634,9 +656,20 @@ class Batcher:
             )
             first = 0
             for _, values, future in batch:
-                if not future.done():  # done = the client went away
-                    future.set_result(records[first : first + len(values)])
+                _answer(future, records[first : first + len(values)])
                 first += len(values)
+
+    @staticmethod
+    def _score_alone(batch: list[Any]) -> None:
+        """Score each request of a failed batch on its own: a bad request fails alone."""
+        log.warning("a batch of %d requests failed; scoring them one by one", len(batch))
+        for served, values, future in batch:
+            try:
+                records = served.score(values)
+            except Exception as exc:
+                _fail(future, exc)
+            else:
+                _answer(future, records)
 
     def _batches(self, pending: list[Any]) -> Iterator[list[Any]]:
         batch: list[Any] = []
@@ -649,6 +682,16 @@ class Batcher:
             rows += len(item[1])
         if batch:
             yield batch
+
+
+def _answer(future: asyncio.Future[Any], records: list[dict[str, Any]]) -> None:
+    if not future.done():  # done = the client went away
+        future.set_result(records)
+
+
+def _fail(future: asyncio.Future[Any], exc: Exception) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 # --- the HTTP service ---------------------------------------------------------------------------
@@ -664,13 +707,21 @@ def create_app(follower: ModelFollower, settings: ServeSettings) -> FastAPI:
         yield
         await asyncio.to_thread(follower.stop)  # joins the follower's thread: not in the loop
 
+    # /openapi.json and /docs are routes of their own below, behind the token when one is set.
     app = FastAPI(
-        title="trackflow", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+        title="trackflow",
+        version=__version__,
+        description=__doc__.split("\n\n")[0],
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     batcher = Batcher(settings.max_rows)
     # On the app itself, not an included APIRouter: FastAPI builds an included router's routes
     # on the first request that reaches them (~4 ms, paid by a client).
     guarded = [Depends(_bearer(settings.token))] if settings.token else []
+    refusals = serving_api.errors
 
     def require_name(name: str) -> None:
         if name != follower.name:
@@ -692,14 +743,19 @@ def create_app(follower: ModelFollower, settings: ServeSettings) -> FastAPI:
         served = served_model()
         return _json({"ready": True, "name": served.name, "version": served.version})
 
-    @app.get("/health")
+    @app.get("/health", response_model=serving_api.Health)
     async def health() -> Response:
         return _json({"status": "ok"})
 
-    app.get("/ready")(ready)
-    app.get("/ping")(ready)
+    for probe in ("/ready", "/ping"):
+        app.get(probe, response_model=serving_api.Ready, responses=refusals(503))(ready)
 
-    @app.get("/models/{name}", dependencies=guarded)
+    @app.get(
+        "/models/{name}",
+        dependencies=guarded,
+        response_model=serving_api.ModelDescription,
+        responses=refusals(404),
+    )
     async def model(name: str) -> Response:
         require_name(name)
         served = follower.current
@@ -707,7 +763,12 @@ def create_app(follower: ModelFollower, settings: ServeSettings) -> FastAPI:
         schema = {"columns": columns, "type": "number", "max_rows": settings.max_rows}
         return _json(follower.describe() | {"input_schema": schema})
 
-    @app.post("/models/{name}/predictions", dependencies=guarded)
+    @app.post(
+        "/models/{name}/predictions",
+        dependencies=guarded,
+        response_model=serving_api.PredictionResponse,
+        responses=refusals(400, 404, 413, 415, 422, 503),
+    )
     async def predictions(name: str, request: Request) -> Response:
         require_name(name)
         served = served_model()
@@ -719,13 +780,19 @@ def create_app(follower: ModelFollower, settings: ServeSettings) -> FastAPI:
         payload = {"model": {"name": served.name, "version": served.version}}
         return _json(payload | {"predictions": served.predictions(records)}, served.version)
 
-    @app.post("/invocations", dependencies=guarded)
+    @app.post(
+        "/invocations",
+        dependencies=guarded,
+        response_model=serving_api.InvocationResponse,
+        responses=refusals(400, 413, 415, 422, 503),
+    )
     async def invocations(request: Request) -> Response:
         served = served_model()
         body = await _read_body(request, settings.max_body_bytes)
         values = invocation_rows(body, _media_type(request), served.scorer, settings.max_rows)
         return _json({"predictions": await batcher.score(served, values)}, served.version)
 
+    _add_openapi(app, follower, settings, guarded)
     _add_error_handlers(app)
     if settings.access_log:
         app.add_middleware(AccessLog)
@@ -751,6 +818,70 @@ def serve(tracking: Tracking, settings: ServeSettings, host: str, port: int) -> 
     uvicorn.run(
         app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5
     )
+
+
+#: Routes that take the bearer token when one is set, as (path, method) of the OpenAPI document.
+GUARDED_OPERATIONS = [
+    ("/models/{name}", "get"),
+    ("/models/{name}/predictions", "post"),
+    ("/invocations", "post"),
+]
+
+
+def _add_openapi(
+    app: FastAPI, follower: ModelFollower, settings: ServeSettings, guarded: list[Any]
+) -> None:
+    """``GET /openapi.json`` and ``GET /docs`` (Swagger UI), behind the token when one is set.
+
+    The document names the served version's exact columns and ranges; it is rebuilt when the
+    version changes.
+    """
+    cache: dict[str, Any] = {}
+
+    def document() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _generic_document(app, settings)
+        served = follower.current
+        if served is None:
+            return app.openapi_schema
+        if cache.get("served") is not served:  # a new version: its columns and ranges
+            scorer = served.scorer
+            cache["document"] = serving_api.for_model(
+                app.openapi_schema,
+                served.name,
+                served.columns,
+                scorer.limits,
+                scorer.imputes,
+                settings.max_rows,
+            )
+            cache["served"] = served
+        return cache["document"]
+
+    app.openapi = document  # type: ignore[method-assign]
+
+    @app.get("/openapi.json", dependencies=guarded, include_in_schema=False)
+    async def openapi() -> Response:
+        return _json(document())
+
+    @app.get("/docs", dependencies=guarded, include_in_schema=False)
+    async def docs() -> Response:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="trackflow - API")
+
+
+def _generic_document(app: FastAPI, settings: ServeSettings) -> dict[str, Any]:
+    """The OpenAPI document of the routes, for any model: request bodies and the token added."""
+    from fastapi.openapi.utils import get_openapi
+
+    document = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    serving_api.drop_validation_errors(document)
+    serving_api.add_request_bodies(document)
+    if settings.token:
+        serving_api.add_bearer(document, GUARDED_OPERATIONS)
+    return document
 
 
 async def _warm_routes(app: FastAPI, name: str, token: str | None) -> None:
@@ -817,7 +948,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)  # routing: unknown path (404), wrong method (405)
     async def routing(request: Request, exc: HTTPException) -> Response:
-        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return _error(exc.status_code, message, exc.headers)  # 405: Allow
 
     @app.exception_handler(Exception)  # the traceback goes to the service's log only
     async def crashed(request: Request, exc: Exception) -> Response:
