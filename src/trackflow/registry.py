@@ -23,9 +23,9 @@ class Resolved:
 
 
 def register_version(
-    tracking: Tracking, name: str, run_id: str, artifact_path: str, alias: str | None = None
+    tracking: Tracking, name: str, run_id: str, artifact_path: str, tags: dict[str, str]
 ) -> str:
-    """Register a run's artifact folder as a new version of ``name``; optionally alias it.
+    """Register a run's artifact folder as a new version of ``name``, with ``tags``; no alias.
 
     Returns:
         The new version number.
@@ -39,10 +39,8 @@ def register_version(
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     version = client.create_model_version(
-        name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id
+        name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags
     ).version
-    if alias:
-        client.set_registered_model_alias(name, alias, version)
     return str(version)
 
 

@@ -1,10 +1,15 @@
 """Pretrain: train backbone + head on the source task; save and register the backbone.
 
 Writes the backbone to ``--backbone-out`` (weights with their architecture and input width),
-``--metrics``, and ``--run-out`` (the MLflow run id and registered version); logs the run to MLflow
-and registers the backbone as ``<model.name>-backbone`` with the alias ``champion``. Without a
-source task (``data.source_classes: null``) it records that no backbone exists and trains nothing;
-the train stage then needs ``train.mode: scratch`` or a registered backbone.
+``--metrics``, and ``--run-out`` (the MLflow run id, and the registered version as ``model_uri``);
+logs the run to MLflow and registers the backbone as a new version of ``<model.name>-backbone``,
+tagged with what it was trained on (params digest, dataset digest, input width, digest of the
+preprocessed training table). It moves **no alias**: nothing gates backbones, and a moving alias
+would go stale whenever DVC restores an earlier backbone from its run cache without running this
+stage. The backbone that goes with the workspace is ``--backbone-out``, and its registered version
+is the ``model_uri`` in ``--run-out`` (both DVC outputs, so they travel together). Without a source
+task (``data.source_classes: null``) it records that no backbone exists and trains nothing; the
+train stage then needs ``train.mode: scratch`` or a registered backbone.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trackflow.stages import add_params_argument, stage_main
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from trackflow.stages.training_run import TrainingRun
 
-BACKBONE_ALIAS = "champion"
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,9 +61,8 @@ def run(args: argparse.Namespace) -> None:
             return
         network = training.log_network(args.backbone_out.name, with_head=False)
         name = f"{params.model.name}-backbone"
-        version = register_version(
-            training.tracking, name, training.run_id, "pretrain", alias=BACKBONE_ALIAS
-        )
+        tags = backbone_tags(training)
+        version = register_version(training.tracking, name, training.run_id, "pretrain", tags)
         training.write_outputs(
             network,
             args.backbone_out,
@@ -64,9 +70,38 @@ def run(args: argparse.Namespace) -> None:
             args.run_out,
             registered_model=name,
             version=version,
-            alias=BACKBONE_ALIAS,
+            model_uri=f"models:/{name}/{version}",
         )
-        log.info("registered backbone %s version %s as @%s", name, version, BACKBONE_ALIAS)
+        log.info("registered backbone %s version %s (no alias moved)", name, version)
+        _warn_of_stale_alias(training, name, version)
+
+
+def _warn_of_stale_alias(training: TrainingRun, name: str, version: str) -> None:
+    """Say so when ``@champion`` is set: earlier trackflow moved it on every pretrain run."""
+    chosen = training.tracking.client.get_registered_model(name).aliases.get("champion")
+    if chosen is not None:
+        log.warning(
+            "%s@champion is version %s, set by hand or by an earlier trackflow; pretrain no longer "
+            "moves it: this workspace's backbone is models:/%s/%s",
+            name,
+            chosen,
+            name,
+            version,
+        )
+
+
+def backbone_tags(training: TrainingRun) -> dict[str, str]:
+    """What a backbone version was trained on: params, dataset, input width, training table."""
+    from trackflow.data import table_digest
+    from trackflow.tracking import TAG_PREFIX
+
+    run_tags = training.tracking.client.get_run(training.run_id).data.tags
+    keep = ("params_hash", "data_digest", "git_commit", "preprocess_run_id")
+    tags = {TAG_PREFIX + k: run_tags[TAG_PREFIX + k] for k in keep if TAG_PREFIX + k in run_tags}
+    return tags | {
+        TAG_PREFIX + "backbone.in_features": str(training.data.n_features),
+        TAG_PREFIX + "backbone.train_digest": table_digest(training.data.tables["train"]),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
