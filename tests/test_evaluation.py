@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 
 from tests.conftest import train_argv
-from trackflow.config import DiagnosisConfig
+from trackflow.config import DiagnosisConfig, load_params
 from trackflow.evaluation import classification_metrics, diagnose, expected_calibration_error
 from trackflow.io import read_json
 from trackflow.stages.evaluate import main as evaluate
 from trackflow.stages.train import main as train
+from trackflow.tracking import set_tags, setup_tracking
 
 RULES = DiagnosisConfig(flat_tolerance=0.1, rise_tolerance=0.1)
 EPOCHS = np.arange(20)
@@ -112,11 +113,16 @@ def test_evaluate_stage_writes_metrics_plots_and_appends_to_the_train_run(
     assert "evaluate/curves.png" in artifacts
     # The run's description: the train stage's headline numbers, then the test accuracy.
     note = run.data.tags["mlflow.note.content"]
-    assert note.startswith("train (scratch): 4 epochs, best val loss ")
-    assert f"Test acc {metrics['test']['accuracy']:.4f}, macro-F1 " in note
-    assert evaluate(argv) == 0  # evaluated again: its part of the description is replaced
+    train_part, evaluate_part = note.split("\n\n")
+    assert train_part.startswith("**train**: scratch, 4 epochs, best val loss ")
+    assert evaluate_part.startswith(
+        f"**evaluate**: test acc {metrics['test']['accuracy']:.4f}, macro-F1 "
+    )
+    set_note = {"mlflow.note.content": note + "\n\nChecked by hand."}
+    set_tags(setup_tracking(load_params(params).base.mlflow), run.info.run_id, set_note)
+    assert evaluate(argv) == 0  # evaluated again: its paragraph is replaced, not added
     again = MlflowClient().get_run(run.info.run_id).data.tags["mlflow.note.content"]
-    assert again == note and again.count("Test acc") == 1
+    assert again == note + "\n\nChecked by hand."
 
 
 def test_evaluate_needs_a_trained_model(processed, write_params, capsys) -> None:

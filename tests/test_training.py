@@ -223,7 +223,7 @@ def test_train_stage_records_one_complete_mlflow_run(processed, write_params) ->
     assert tags["mlflow.source.git.commit"] == commit == tags["trackflow.git_commit"]
     metrics = read_json("train.json")
     assert tags["mlflow.note.content"] == (
-        f"train (finetune): 3 epochs, best val loss {metrics['train/best_val_loss']:.4f}, "
+        f"**train**: finetune, 3 epochs, best val loss {metrics['train/best_val_loss']:.4f}, "
         f"val acc {metrics['train/best_val_acc']:.4f}."
     )
     assert run.data.tags["trackflow.backbone_run_id"] == read_json("pretrain_run.json")["run_id"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,9 +28,9 @@ TAG_PREFIX = "trackflow."
 DVC_EXP_NAME_ENV = "DVC_EXP_NAME"
 #: MLflow's tag of a run's description, shown on the run's page in the UI (Markdown).
 NOTE_TAG = "mlflow.note.content"
-#: Tags holding each stage's part of the description (:func:`update_note`).
-NOTE_PART_PREFIX = TAG_PREFIX + "note."
-#: Order of the stages' parts in a run's description; other parts follow in name order.
+#: A paragraph of a run's description written by a stage: ``**<stage>**: ...``.
+_NOTE_OWNER = re.compile(r"^\*\*([\w-]+)\*\*: ")
+#: Order of the stages' paragraphs in a run's description; other stages' follow by name.
 NOTE_ORDER = ("pretrain", "train", "evaluate", "anomaly", "register", "batch_score")
 #: Suffix of the experiment scored batches are recorded in: ``<experiment>-scoring``.
 SCORING_SUFFIX = "-scoring"
@@ -235,22 +236,22 @@ def yaml_text(value: Any) -> str:
 
 
 def update_note(tracking: Tracking, run_id: str, stage: str, text: str) -> str:
-    """Set ``stage``'s part of a run's description (``mlflow.note.content``); return the whole.
+    """Set ``stage``'s paragraph of a run's description (``mlflow.note.content``); return it all.
 
-    Each stage owns one part, kept in its own tag, so a stage that runs again replaces its part
-    instead of adding another; the parts are joined in :data:`NOTE_ORDER`.
+    The description is Markdown, one paragraph per stage, ``**<stage>**: <text>``, in
+    :data:`NOTE_ORDER`: a stage that runs again replaces its paragraph instead of adding one, and
+    paragraphs written by hand in the UI are kept, after the stages'.
     """
-    tags = tracking.client.get_run(run_id).data.tags
-    parts = {
-        k.removeprefix(NOTE_PART_PREFIX): v
-        for k, v in tags.items()
-        if k.startswith(NOTE_PART_PREFIX)
-    }
-    parts[stage] = text
+    note = tracking.client.get_run(run_id).data.tags.get(NOTE_TAG, "")
+    parts = {}
+    for paragraph in filter(None, (p.strip() for p in note.split("\n\n"))):
+        owner = _NOTE_OWNER.match(paragraph)
+        parts[owner[1] if owner else f"~{len(parts)}"] = paragraph  # unowned: after the stages
+    parts[stage] = f"**{stage}**: {text}"
     order = {name: i for i, name in enumerate(NOTE_ORDER)}
     ordered = sorted(parts, key=lambda name: (order.get(name, len(order)), name))
-    note = " ".join(parts[name] for name in ordered)
-    set_tags(tracking, run_id, {NOTE_PART_PREFIX + stage: text, NOTE_TAG: note})
+    note = "\n\n".join(parts[name] for name in ordered)
+    set_tags(tracking, run_id, {NOTE_TAG: note})
     return note
 
 

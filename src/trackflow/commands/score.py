@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> None:
     counts, drift = result.counts, result.drift
     print(f"scored {counts['n_rows']} rows with {model.uri} (version {model.version})")
     print(f"anomalies: {counts['n_anomalies']} ({counts['anomaly_rate']:.1%})")
-    print(f"drift: {drift.summary()}")
+    fired = drift.fired
+    print(f"drift: {'DETECTED by ' + ', '.join(r.name for r in fired) if fired else 'none'}")
+    for rule in drift.rules:
+        print(f"  {rule.name}: {'FIRED' if rule.fired else 'no'}: {rule.reason}")
     if drift.drifted_features:
         print(f"most drifted features: {', '.join(drift.drifted_features[:5])}")
     print(f"wrote {outputs[0]} and {outputs[1]}")

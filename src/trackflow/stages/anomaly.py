@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> None:
         }
         log_to_run(tracking, run_id, {"anomaly": report.metrics}, tags, plots, "anomaly")
         auroc = report.metrics[report.selected]["all"]["auroc"]
-        note = f"Anomaly detector {report.selected}: test AUROC {auroc:.3f}."
+        note = f"detector {report.selected}, test AUROC {auroc:.3f} (all held-out anomalies)."
         update_note(tracking, run_id, "anomaly", note)
     log.info(
         "anomaly detectors (test AUROC, all anomalies): %s; saved %s",

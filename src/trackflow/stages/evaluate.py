@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> None:
 def _summary(test: dict[str, float], diagnosis: str) -> str:
     """The headline numbers, the evaluate stage's part of the run's description."""
     return (
-        f"Test acc {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
+        f"test acc {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
         f"ECE {test['ece']:.3f}; curves: {diagnosis}."
     )
 

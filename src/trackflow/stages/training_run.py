@@ -183,10 +183,10 @@ class TrainingRun:
 
     def summary(self) -> str:
         """One sentence of headline numbers, the stage's part of the run's description."""
-        what = f"{self.name} ({self.mode})" if self.mode else self.name
         m = self.metrics
         return (
-            f"{what}: {m[f'{self.name}/epochs']} epochs, best val loss "
+            (f"{self.mode}, " if self.mode else "")
+            + f"{m[f'{self.name}/epochs']} epochs, best val loss "
             f"{m[f'{self.name}/best_val_loss']:.4f}, val acc {m[f'{self.name}/best_val_acc']:.4f}."
         )
 
