@@ -58,8 +58,16 @@ def test_first_model_becomes_champion_and_a_worse_one_stays_challenger(
     assert version_tags["trackflow.params_hash"] == trained_with
     assert first["promoted"] and first["version"] == "1" and first["champion"] == "1"
     assert first["reason"].startswith("first model passing the floors")
+    first_numbers = read_json("register.json")
+    assert first_numbers["gate/champion/accuracy"] is None  # not computed: null, strict JSON
 
     worse = gate(candidates["weak"], **LOW_FLOORS)
+    assert set(read_json("register.json")) == set(first_numbers)
+    logged = [
+        {k for k in client.get_run(r).data.metrics if k.startswith("gate/")}
+        for r in (run_id, worse["run_id"])
+    ]
+    assert logged[0] == logged[1] == set(first_numbers)  # no holes in MLflow's compare view
     assert not worse["promoted"] and worse["champion"] == "1"
     assert worse["reason"].startswith("not better: accuracy")
     assert aliases(candidate_store) == {CHAMPION: "1", CHALLENGER: "2"}

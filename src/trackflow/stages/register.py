@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,7 +120,8 @@ def run(args: argparse.Namespace) -> None:
             },
             out,
         )
-        write_json(decision.metrics(), metrics)
+        numbers = decision.metrics()  # NaN (not computed) as null: strict JSON for DVC and others
+        write_json({k: None if math.isnan(v) else v for k, v in numbers.items()}, metrics)
     log.info(
         "registered %s version %s (challenger); %s: %s",
         name,
