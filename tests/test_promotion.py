@@ -176,9 +176,9 @@ def test_two_promotions_racing_leave_one_champion_and_a_consistent_ledger(
     candidates, candidate_store, write_params
 ) -> None:
     from trackflow.config import load_params
+    from trackflow.gate import seen_rows
     from trackflow.packaging import log_packaged_model
     from trackflow.promotion import record_seen_rows, register_candidate
-    from trackflow.stages.register import seen_rows
     from trackflow.tracking import setup_tracking
 
     params = write_params({"model.name": candidate_store, **LOW_FLOORS})

@@ -9,7 +9,8 @@ refuses to compare. The challenger must pass absolute floors; the first model th
 champion; after that it must beat the champion on the primary metric by at least ``min_delta``,
 and the difference must be statistically supported at the configured one-sided level: McNemar's
 exact test on the rows one model gets right and the other wrong, or a paired bootstrap confidence
-interval. Pure numpy/scipy: no registry, no model loading.
+interval. No registry and no model loading: :func:`build_gate_set` and :func:`seen_rows` read a
+split folder, the rest is numpy/scipy.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from trackflow.config import PromotionConfig
+from trackflow.config import Params, PromotionConfig
 from trackflow.errors import preview
 
 #: Hex characters kept of each row's SHA-1 (64 bits: no collision among billions of rows).
@@ -344,3 +346,40 @@ def _support(
     level = f"{config.confidence:.0%}"
     evidence = f"bootstrap {level} lower bound {low:+.4f} {'>' if low > 0 else '<='} 0"
     return {"ci_low": low}, low > 0, evidence
+
+
+def build_gate_set(splits: Path, params: Params) -> GateSet:
+    """The pinned rows of the gate: target test rows, then the test anomalies of the anomaly stage.
+
+    Anomalies are the source task's test rows and seeded corruptions of the target test rows, the
+    same held-out anomalies the anomaly stage reports on. Each row keeps its origin (a corruption's
+    is the test row it was made from), so rows a model saw can be left out of its comparison.
+    """
+    from trackflow.anomaly import anomaly_sets
+    from trackflow.data import table_digest
+
+    label = params.data.label_column
+    raw = read_parts(splits)
+    sets = anomaly_sets(raw, label, params.anomaly, params.base.seed)
+    anomalies = list(sets.test_anomalies.values())
+    indexed = pd.concat([sets.test, *anomalies])
+    pool = pd.concat([raw[name] for name in raw if name.endswith("_test")]).drop(columns=label)
+    rows = indexed.reset_index(drop=True)
+    anomalous = np.r_[np.zeros(len(sets.test), bool), np.ones(len(rows) - len(sets.test), bool)]
+    labels = raw["target_test"][label].to_numpy()
+    origins = pool.loc[indexed.index].reset_index(drop=True) if pool.index.is_unique else None
+    return GateSet(rows, labels, anomalous, table_digest(rows), origins)
+
+
+def seen_rows(splits: Path, label: str, columns: list[str]) -> SeenRows:
+    """The rows a candidate trained on this split saw: every part but the test parts."""
+    parts = {name: t for name, t in read_parts(splits).items() if not name.endswith("_test")}
+    return SeenRows.from_tables(parts, columns)
+
+
+def read_parts(splits: Path) -> dict[str, pd.DataFrame]:
+    """The split's parts by name (``target_train``, ...), as ``summary.json`` lists them."""
+    from trackflow.io import read_json, read_table
+
+    names = read_json(splits / "summary.json")["parts"]
+    return {name: read_table(splits / f"{name}.parquet") for name in names}

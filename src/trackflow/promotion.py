@@ -156,7 +156,11 @@ def _python_model(model: Any) -> Any:
 
 
 def read_seen_rows(tracking: Tracking, run_id: str | None) -> SeenRows | None:
-    """The training and validation rows recorded on a run, or None if it recorded none."""
+    """The training and validation rows recorded on a run, or None if it recorded none.
+
+    Raises:
+        PromotionError: The record is there but cannot be read.
+    """
     import tempfile
 
     from mlflow.exceptions import MlflowException
@@ -170,7 +174,12 @@ def read_seen_rows(tracking: Tracking, run_id: str | None) -> SeenRows | None:
             path = tracking.client.download_artifacts(run_id, SEEN_ROWS_ARTIFACT, folder)
         except (MlflowException, OSError):
             return None
-        return SeenRows.from_json(json.loads(Path(path).read_text()))
+        try:
+            return SeenRows.from_json(json.loads(Path(path).read_text()))
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise PromotionError(
+                f"run {run_id} has a {SEEN_ROWS_ARTIFACT} this trackflow cannot read ({why(exc)})"
+            ) from None
 
 
 def record_seen_rows(tracking: Tracking, run_id: str, seen: SeenRows) -> None:

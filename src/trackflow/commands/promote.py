@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
     from trackflow.errors import ConfigError
+    from trackflow.gate import build_gate_set
     from trackflow.promotion import (
         CHALLENGER,
         alias_version,
@@ -49,7 +50,6 @@ def run(args: argparse.Namespace) -> None:
         rollback,
     )
     from trackflow.stages import require_inputs
-    from trackflow.stages.register import build_gate_set
     from trackflow.tracking import setup_tracking
 
     if args.force and not (args.version and args.reason):

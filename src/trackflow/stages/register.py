@@ -21,15 +21,8 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from trackflow.stages import add_params_argument, require_inputs, stage_main
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from trackflow.config import Params
-    from trackflow.gate import GateSet, SeenRows
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
-    from trackflow.gate import evaluate
+    from trackflow.gate import build_gate_set, evaluate, seen_rows
     from trackflow.io import atomic_outputs, read_json, read_table, write_json
     from trackflow.lineage import dvc_hashes, training_lineage
     from trackflow.packaging import Scorer, log_packaged_model
@@ -129,49 +122,6 @@ def run(args: argparse.Namespace) -> None:
         "promoted to champion" if decision.promote else "not promoted",
         decision.reason,
     )
-
-
-def build_gate_set(splits: Path, params: Params) -> GateSet:
-    """The pinned rows of the gate: target test rows, then the test anomalies of the anomaly stage.
-
-    Anomalies are the source task's test rows and seeded corruptions of the target test rows, the
-    same held-out anomalies the anomaly stage reports on. Each row keeps its origin (a corruption's
-    is the test row it was made from), so rows a model saw can be left out of its comparison.
-    """
-    import numpy as np
-    import pandas as pd
-
-    from trackflow.anomaly import anomaly_sets
-    from trackflow.data import table_digest
-    from trackflow.gate import GateSet
-
-    label = params.data.label_column
-    raw = read_parts(splits)
-    sets = anomaly_sets(raw, label, params.anomaly, params.base.seed)
-    anomalies = list(sets.test_anomalies.values())
-    indexed = pd.concat([sets.test, *anomalies])
-    pool = pd.concat([raw[name] for name in raw if name.endswith("_test")]).drop(columns=label)
-    rows = indexed.reset_index(drop=True)
-    anomalous = np.r_[np.zeros(len(sets.test), bool), np.ones(len(rows) - len(sets.test), bool)]
-    labels = raw["target_test"][label].to_numpy()
-    origins = pool.loc[indexed.index].reset_index(drop=True) if pool.index.is_unique else None
-    return GateSet(rows, labels, anomalous, table_digest(rows), origins)
-
-
-def seen_rows(splits: Path, label: str, columns: list[str]) -> SeenRows:
-    """The rows a candidate trained on this split saw: every part but the test parts."""
-    from trackflow.gate import SeenRows
-
-    parts = {name: t for name, t in read_parts(splits).items() if not name.endswith("_test")}
-    return SeenRows.from_tables(parts, columns)
-
-
-def read_parts(splits: Path) -> dict[str, pd.DataFrame]:
-    """The split's parts by name (``target_train``, ...), as ``summary.json`` lists them."""
-    from trackflow.io import read_json, read_table
-
-    names = read_json(splits / "summary.json")["parts"]
-    return {name: read_table(splits / f"{name}.parquet") for name in names}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
