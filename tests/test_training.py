@@ -290,7 +290,7 @@ def test_same_params_same_data_same_metrics(processed, write_params) -> None:
     assert read_json("train.json") == first
 
 
-@pytest.mark.parametrize("uri", ["models:/trackflow-backbone@champion", "runs:/{run_id}/pretrain"])
+@pytest.mark.parametrize("uri", ["models:/trackflow-backbone@chosen", "runs:/{run_id}/pretrain"])
 def test_backbone_from_the_registry_or_a_run(processed, write_params, uri) -> None:
     from mlflow import MlflowClient
 
@@ -299,6 +299,8 @@ def test_backbone_from_the_registry_or_a_run(processed, write_params, uri) -> No
     assert (
         pretrain_run["version"] == "1" and pretrain_run["registered_model"] == "trackflow-backbone"
     )
+    # pretrain moves no alias (nothing gates backbones): a person picks one, by version or alias.
+    MlflowClient().set_registered_model_alias("trackflow-backbone", "chosen", "1")
     Path("backbone.pt").unlink()  # the registry alone must be enough
     uri = uri.format(run_id=pretrain_run["run_id"])
     assert run_stage(train, write_params(QUICK | {"train.backbone": uri}), processed) == 0

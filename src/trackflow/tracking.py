@@ -31,7 +31,7 @@ NOTE_TAG = "mlflow.note.content"
 #: A paragraph of a run's description written by a stage: ``**<stage>**: ...``.
 _NOTE_OWNER = re.compile(r"^\*\*([\w-]+)\*\*: ")
 #: Order of the stages' paragraphs in a run's description; other stages' follow by name.
-NOTE_ORDER = ("pretrain", "train", "evaluate", "anomaly", "register", "batch_score")
+NOTE_ORDER = ("pretrain", "train", "evaluate", "anomaly", "register")
 #: Suffix of the experiment scored batches are recorded in: ``<experiment>-scoring``.
 SCORING_SUFFIX = "-scoring"
 
