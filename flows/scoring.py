@@ -4,7 +4,9 @@
     python -m flows.scoring batch.parquet --model models:/trackflow/3 --psi-threshold 0.25
 
 Loading the model and recording the MLflow run are retried on transient faults (a locked SQLite
-store, an unreachable server); a bad batch fails at once, before anything is written.
+store, an unreachable server); a bad batch fails at once, before anything is written. The run goes
+to the ``<experiment>-scoring`` experiment, beside the candidates'; the report names the drift
+rules that fired.
 """
 
 from __future__ import annotations
