@@ -135,6 +135,13 @@ def test_history_and_lineage_commands(candidates, candidate_store, gate) -> None
     ).stdout.splitlines()
     assert history[0].startswith("seq,time,action,alias,version,previous,run_id,reason")
     assert [line.split(",")[2] for line in history[1:]] == ["challenger", "promote"]
+    table = subprocess.run(
+        [*cli, "history", candidate_store, "--params", "params.yaml"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert "rows_compared" in table[0] and " 134 " in table[2] and "134.0" not in table[2]
 
     shown = subprocess.run(
         [*cli, "lineage", f"{candidate_store}@champion", "--params", "params.yaml"],
@@ -316,6 +323,9 @@ def test_the_gate_never_scores_a_model_on_rows_it_trained_on(
     assert 5 <= compared < 40 and compared + excluded == 134
     tags = client.get_model_version(candidate_store, "2").tags
     assert tags["trackflow.gate.reason"].startswith("not better: accuracy")
+    assert tags["trackflow.gate.reason"].endswith(
+        f"[on {compared} of 134 labelled test rows: {excluded} were training/validation rows]"
+    )
     metrics = client.get_run(rejected["run_id"]).data.metrics
     assert metrics["gate/rows_compared"] == compared and metrics["gate/rows_excluded"] == excluded
     assert ledger(client, candidate_store)[-1].metrics["rows_excluded"] == excluded

@@ -510,7 +510,13 @@ def _with_rows(
     rows = {"compared": used.n_labelled}
     if known:
         rows["excluded"] = gate_set.n_labelled - used.n_labelled
-    return replace(decision, rows=rows)
+    reason = decision.reason
+    if rows.get("excluded") and not reason.startswith("not compared"):
+        reason += (
+            f" [on {used.n_labelled} of {gate_set.n_labelled} labelled test rows: "
+            f"{rows['excluded']} were training/validation rows]"
+        )
+    return replace(decision, reason=reason, rows=rows)
 
 
 def _record(

@@ -1,7 +1,9 @@
 """Print a registered model's promotion ledger: every alias move and gate decision.
 
 One row per entry, oldest first: sequence, time, action (challenger, promote, reject, rollback),
-alias, version and the one it replaced, run id, reason, git commit, who, and the gate's metrics.
+alias, version and the one it replaced, run id, reason, git commit, who, and the gate's metrics
+(with ``rows_compared`` and ``rows_excluded``: the labelled test rows it scored, and those it left
+out because a model had trained on them).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"{name}: no ledger entries")
     else:
         columns = ["seq", "time", "action", "alias", "version", "previous", "accuracy"]
-        columns += ["anomaly_auroc", "git_commit", "reason"]
+        columns += ["anomaly_auroc", "rows_compared", "git_commit", "reason"]
         shown = table.reindex(columns=columns)
         shown["git_commit"] = shown["git_commit"].str[:10]
+        shown["rows_compared"] = shown["rows_compared"].astype("Int64")  # a count, not 134.0000
         print(shown.to_string(index=False, float_format="{:.4f}".format))
