@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import Candidate
@@ -489,3 +490,62 @@ def test_a_model_that_is_not_trackflows_is_refused(
     assert "Traceback" not in err and "KeyError" not in err
     assert len(ledger(client, candidate_store)) == before
     assert aliases(candidate_store) == {CHAMPION: "1"}
+
+
+def write_lock(path: Path, split_md5: str) -> Path:
+    """A dvc.lock naming only the split stage's output, as `dvc repro` records it."""
+    split = {"cmd": "split", "outs": [{"path": "data/split", "md5": split_md5}]}
+    path.write_text(yaml.safe_dump({"schema": "2.0", "stages": {"split": split}}))
+    return path
+
+
+def test_a_champion_without_a_record_is_compared_only_on_the_same_split(
+    candidates, candidate_store, write_params
+) -> None:
+    """A champion registered before rows were recorded: its DVC split tells which rows it saw."""
+    from trackflow.config import load_params
+    from trackflow.packaging import log_packaged_model
+    from trackflow.promotion import SPLIT_TAG, register_candidate
+    from trackflow.tracking import setup_tracking
+
+    params = write_params({"model.name": candidate_store, **LOW_FLOORS})
+    tracking = setup_tracking(load_params(params).base.mlflow)
+    files = candidates["good"].files
+    rows = pd.read_parquet(files["splits"] / "target_test.parquet").drop(columns="target")
+    run_id = tracking.client.create_run(tracking.experiment_id).info.run_id  # records no rows
+    info = log_packaged_model(
+        tracking, run_id, files["preprocessor"], files["model"], files["detector"], rows, rows
+    )
+    tags = {SPLIT_TAG: "1234.dir"}
+    register_candidate(tracking, candidate_store, info.model_uri, run_id, info.model_id, tags, 60)
+    MlflowClient().set_registered_model_alias(candidate_store, CHAMPION, "1")
+
+    argv = register_argv(candidates["weak"], params)
+    argv[argv.index("--lock") + 1] = str(write_lock(Path("dvc.lock"), "1234.dir"))
+    assert register(argv) == 0
+    same = read_json("registered.json")
+    assert same["reason"].startswith("not better: accuracy")
+    assert same["rows"] == {"compared": 134, "excluded": 0}
+
+    write_lock(Path("dvc.lock"), "5678.dir")  # the split changed since the champion trained
+    assert register(argv) == 0
+    other = read_json("registered.json")
+    assert other["reason"].startswith(
+        "not compared: champion version 1 recorded no training rows (registered before "
+        "trackflow recorded them)"
+    )
+    assert aliases(candidate_store)[CHAMPION] == "1"
+
+
+def test_a_champion_that_cannot_score_blocks_with_a_one_line_reason(
+    candidates, candidate_store, gate
+) -> None:
+    assert gate(candidates["good"])["promoted"]
+    break_detector(model_files(candidate_store, "1"))
+    blocked = gate(candidates["weak"], **LOW_FLOORS)
+    assert not blocked["promoted"] and aliases(candidate_store)[CHAMPION] == "1"
+    assert blocked["reason"].startswith(
+        f"not compared: {candidate_store} champion version 1 cannot score the test rows: "
+        "ValueError: X has 64 features"
+    )
+    assert "\n" not in blocked["reason"] and len(blocked["reason"]) < 400
