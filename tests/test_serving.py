@@ -1138,3 +1138,39 @@ def test_the_openapi_document_and_docs_take_the_token_when_one_is_set(guarded_se
     assert paths["/invocations"]["post"]["security"] == [{"bearer": []}]
     assert "401" in paths["/models/{name}"]["get"]["responses"]
     assert "security" not in paths["/health"]["get"]
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error_and_no_answer_off_the_schema(
+    registry, tmp_path: Path
+) -> None:
+    """``st run URL/openapi.json --checks all`` against a token-guarded server of its own.
+
+    Every check: no 5xx, statuses, content types, headers and bodies as documented, rows the
+    document allows taken, rows it forbids refused, the token enforced. The coverage phase of
+    the two routes that take rows (boundary cases of 64 columns: minutes here) is left out;
+    fuzzing and the stateful phase cover them.
+    """
+    name = "serving-fuzzed"
+    (version,) = registry.register(name, "good")
+    registry.promote(name, version)
+    st = str(Path(sys.executable).with_name("st"))
+    with running_server(registry, name, tmp_path, TOKEN, 30.0, "--max-body-mb", "4") as server:
+        server.wait_for(server.is_ready, 120, "ready")
+        common = [st, "run", f"http://127.0.0.1:{server.port}/openapi.json", "--checks", "all"]
+        common += ["-H", f"Authorization: Bearer {TOKEN}", "--seed", "1", "--workers", "1"]
+        common += ["--no-color", "--generation-database", "none", "--max-examples", "50"]
+        runs = {
+            "coverage": ["--phases", "coverage", "--exclude-path-regex", ROWS_ROUTES],
+            "fuzzing": ["--phases", "examples,fuzzing,stateful"],
+        }
+        for phase, options in runs.items():
+            result = subprocess.run(
+                [*common, *options], capture_output=True, text=True, timeout=300, cwd=tmp_path
+            )
+            assert result.returncode == 0, f"{phase}:\n{result.stdout[-8000:]}{result.stderr}"
+            assert "No issues found" in result.stdout, result.stdout[-4000:]
+        assert "Traceback" not in server.log_tail()
+
+
+ROWS_ROUTES = r"^/(invocations|models/\{name\}/predictions)$"

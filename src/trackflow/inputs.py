@@ -66,9 +66,10 @@ def check_rows(
         raise InputError("no rows to score: the table is empty")
     if names != expected:
         frame = frame.set_axis(names, axis=1)[expected]
-    if allow_nan:  # a column of nothing but missing values (JSON nulls) is an empty number column
-        empty = [c for c in expected if frame[c].dtype == object and frame[c].isna().all()]
-        frame = frame.astype(dict.fromkeys(empty, np.float64)) if empty else frame
+    # A column of nothing but missing values (JSON nulls) is a number column of missing values:
+    # taken if the model imputes, else refused below as missing values, naming rows.
+    empty = [c for c in expected if frame[c].dtype == object and frame[c].isna().all()]
+    frame = frame.astype(dict.fromkeys(empty, np.float64)) if empty else frame
     wrong = [
         f"{column} ({dtype})"
         for column, dtype in zip(expected, frame.dtypes, strict=True)

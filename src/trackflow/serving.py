@@ -235,7 +235,7 @@ def split_rows(split: Any, scorer: Scorer, max_rows: int) -> np.ndarray:
         not isinstance(split, dict)
         or not isinstance(split.get("data"), list)
         or not set(split) <= {"columns", "data", "index"}
-        or not isinstance(split.get("index", []), list)
+        or not isinstance(split.get("index"), list | None)
     ):
         raise InputError(
             'dataframe_split must be an object {"columns": [...], "data": [[...], ...]} (and '
@@ -267,8 +267,8 @@ def _plain_numbers(table: list[list[Any]], allow_missing: bool) -> np.ndarray | 
     """``table`` as float64 if it holds finite JSON numbers only, else None.
 
     With ``allow_missing`` (a model that imputes), ``null`` and NaN are taken too, as NaN, unless
-    a column holds nothing but ``null`` (pandas makes that a column of objects, which
-    ``check_rows`` refuses). Such a table is one ``check_rows`` takes as it is; anything else
+    a column holds nothing but ``null`` (pandas makes that a column of objects, for
+    ``check_rows`` to judge). Such a table is one ``check_rows`` takes as it is; anything else
     goes to ``check_rows``, which decides and words the refusal.
     """
     kinds = set(map(type, itertools.chain.from_iterable(table)))
