@@ -7,7 +7,9 @@ Routes (JSON in and out; an error is ``{"error_code": ..., "message": ...}``, ne
 - ``GET /models/NAME``: the served version, its run, lineage tags, input schema, refused versions;
 - ``POST /models/NAME/predictions``: ``{"rows": [{column: number, ...}, ...]}`` in; per row
   ``label``, ``probabilities``, ``anomaly_score`` and ``is_anomaly`` out;
-- ``POST /invocations`` and ``GET /ping``: MLflow's scoring contract, for MLflow's own clients.
+- ``POST /invocations`` and ``GET /ping``: MLflow's scoring contract, for MLflow's own clients;
+- ``GET /openapi.json`` and ``GET /docs``: the OpenAPI document (:mod:`trackflow.serving_api`:
+  the served version's exact columns and ranges) and Swagger UI.
 
 A :class:`ModelFollower` thread reads the alias every ``poll_interval_s``. A new version is loaded,
 smoke-tested on its input example and warmed up off the request path, then swapped in by one
@@ -18,10 +20,12 @@ its own fault (it does not load, is not a trackflow model, or fails its smoke te
 store out of reach) is retried at the next poll. Either way the old version keeps serving.
 
 Rows are checked as the model's :meth:`~trackflow.packaging.Scorer.check` checks them
-(:func:`~trackflow.inputs.check_rows`; NaN and ``null`` allowed if the model imputes): plain JSON
-numbers under exactly the model's columns go straight to an array; anything else goes through
-``Scorer.check``, which accepts or refuses it with its message. Concurrent requests are scored
-together (:class:`Batcher`): a call of the packaged model costs little more for 64 rows than for 1.
+(:func:`~trackflow.inputs.check_rows`; NaN and ``null`` allowed if the model imputes; values
+within the model's range): plain JSON numbers under exactly the model's columns go straight to an
+array, range-checked; anything else goes through ``Scorer.check``, which accepts or refuses it
+with its message. Rows are checked before they are batched: concurrent requests are scored
+together (:class:`Batcher`; a call of the packaged model costs little more for 64 rows than for 1),
+and a batch that fails is scored again request by request, so a request fails only by its own rows.
 """
 
 from __future__ import annotations
