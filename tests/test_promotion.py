@@ -158,22 +158,24 @@ def test_history_and_lineage_commands(candidates, candidate_store, gate) -> None
     assert missing.returncode == 2 and "registered model 'nope'" in missing.stderr
 
 
+def other_table_split(folder: Path) -> Path:
+    """A split folder of another table: the raw rows have other columns."""
+    folder.mkdir()
+    table = pd.DataFrame({"a": [1.0, 2.0], "target": [5, 6]})
+    for part in ("target_train", "target_val", "target_test"):
+        table.to_parquet(folder / f"{part}.parquet")
+    (folder / "summary.json").write_text(
+        '{"parts": {"target_train": {}, "target_val": {}, "target_test": {}}}'
+    )
+    return folder
+
+
 def test_a_candidate_that_does_not_fit_its_data_changes_nothing(
     candidates, candidate_store, write_params, tmp_path, capsys
 ) -> None:
     params = write_params({"model.name": candidate_store})
     argv = register_argv(candidates["good"], params)
-    other = tmp_path / "split"  # the raw test rows of another table: other columns
-    other.mkdir()
-    import pandas as pd
-
-    table = pd.DataFrame({"a": [1.0, 2.0], "target": [5, 6]})
-    for part in ("target_train", "target_val", "target_test"):
-        table.to_parquet(other / f"{part}.parquet")
-    (other / "summary.json").write_text(
-        '{"parts": {"target_train": {}, "target_val": {}, "target_test": {}}}'
-    )
-    argv[argv.index("--splits") + 1] = str(other)
+    argv[argv.index("--splits") + 1] = str(other_table_split(tmp_path / "split"))
     assert register(argv) == 3
     assert "missing columns: pixel_0_0" in capsys.readouterr().err
     assert MlflowClient().search_registered_models(f"name = '{candidate_store}'") == []
@@ -549,3 +551,19 @@ def test_a_champion_that_cannot_score_blocks_with_a_one_line_reason(
         "ValueError: X has 64 features"
     )
     assert "\n" not in blocked["reason"] and len(blocked["reason"]) < 400
+
+
+def test_test_rows_without_the_versions_columns_are_refused_in_one_line(
+    candidates, candidate_store, gate, tmp_path, capsys
+) -> None:
+    gate(candidates["good"])
+    gate(candidates["good"])
+    before = state(candidate_store)
+    capsys.readouterr()
+    assert promote("--version", "2", "--splits", str(other_table_split(tmp_path / "other"))) == 1
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert error == (
+        f"error: {candidate_store} challenger version 2 cannot score the test rows: they lack its "
+        "columns pixel_0_0, pixel_0_1, pixel_0_2, ... (64 in all)"
+    )
+    assert state(candidate_store) == before

@@ -115,7 +115,8 @@ class GateSet:
     def unseen_by(self, seen: SeenRows) -> np.ndarray:
         """Whether each row (by its origin) is outside ``seen``, shape (n_rows,)."""
         origins = self.rows if self.origins is None else self.origins
-        return ~np.isin(row_digests(origins, seen.columns), list(seen.digests))
+        digests = row_digests(origins, seen.columns)
+        return np.fromiter((d not in seen.digests for d in digests), bool, len(digests))
 
     def subset(self, keep: np.ndarray) -> GateSet:
         """The rows where ``keep`` (shape (n_rows,)) is true, with their labels and origins."""

@@ -86,6 +86,22 @@ class Contender:
         """``champion version 3``: how messages name it."""
         return f"{self.role} version {self.version}"
 
+    def held_out(self, gate_set: GateSet) -> GateSet:
+        """The gate rows it did not see (all of them when it recorded none).
+
+        Raises:
+            PromotionError: The rows lack some of its columns.
+        """
+        from trackflow.errors import preview
+
+        missing = [c for c in self.columns if c not in set(gate_set.rows.columns)]
+        if missing:
+            raise PromotionError(
+                f"{self.name} {self.label} cannot score the test rows: they lack its columns "
+                f"{preview(missing, 3)}"
+            )
+        return gate_set if self.seen is None else gate_set.subset(gate_set.unseen_by(self.seen))
+
     def evaluate(self, gate_set: GateSet) -> Evaluation:
         """Its scores on ``gate_set``.
 
@@ -461,11 +477,7 @@ def judge(
     """
     from trackflow.gate import comparable_rows, decide
 
-    own = (
-        gate_set
-        if challenger.seen is None
-        else gate_set.subset(gate_set.unseen_by(challenger.seen))
-    )
+    own = challenger.held_out(gate_set)
     problem = champion if isinstance(champion, str) else None
     if isinstance(champion, Contender):
         keep, problem = comparable_rows(
