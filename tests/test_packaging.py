@@ -282,9 +282,14 @@ def test_mlflow_models_serve_answers_invocations(champion, tmp_path) -> None:
         )
         assert status == 400 and "Error: values out of the model's range" in body["message"]
         table, expected = integer_table(champion, tmp_path)
+        records = table.to_dict("records")
         answers = {
             "csv": post(f"{base}/invocations", table.to_csv(index=False), "text/csv"),
             "split": post(f"{base}/invocations", {"dataframe_split": table.to_dict("split")}),
+            "records": post(f"{base}/invocations", {"dataframe_records": records}),
+            "instances": post(f"{base}/invocations", {"instances": records}),
+            "inputs": post(f"{base}/invocations", {"inputs": records}),
+            "inputs as columns": post(f"{base}/invocations", {"inputs": table.to_dict("list")}),
         }
         for form, (status, body) in answers.items():
             assert status == 200, (form, body)

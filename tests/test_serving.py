@@ -982,6 +982,7 @@ def test_stopping_the_service_leaves_the_event_loop_free_while_a_load_finishes()
 # --- one client's bad numbers fail only that client ---------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_a_batch_that_fails_is_scored_request_by_request(
     candidates: dict[str, Candidate], caplog: pytest.LogCaptureFixture
 ) -> None:

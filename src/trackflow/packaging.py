@@ -203,9 +203,32 @@ class PackagedModel(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.scorer.predict(model_input)
+            return self.scorer.predict(_as_table(model_input))
         except InputError as exc:
             raise MlflowException.invalid_parameter_value(str(exc)) from None
+
+
+def _as_table(data: Any) -> Any:
+    """MLflow's other shapes of rows as a table; anything else unchanged, for the check to judge.
+
+    With no input schema, ``mlflow models serve`` hands ``instances`` and ``inputs`` over as
+    ``{column: array}`` or as ``[{column: 0-d array}, ...]``.
+
+    Raises:
+        InputError: Columns of different lengths.
+    """
+    if isinstance(data, dict):
+        try:
+            return pd.DataFrame({name: np.ravel(values) for name, values in data.items()})
+        except ValueError as exc:  # ragged columns
+            raise InputError(f"the columns do not make a table: {exc}") from None
+    if isinstance(data, list) and data and all(isinstance(row, dict) for row in data):
+        return pd.DataFrame([{name: _scalar(value) for name, value in row.items()} for row in data])
+    return data
+
+
+def _scalar(value: Any) -> Any:
+    return np.asarray(value).item() if np.ndim(value) == 0 else value
 
 
 def pip_requirements() -> list[str]:
