@@ -36,8 +36,8 @@ TEN_CLASSES = {
 
 def raw_knn_auroc() -> float:
     """kNN on raw (unscaled) features: target training rows; target vs. source test rows."""
-    from trackflow.anomaly import KNNDetector, detection_metrics
     from trackflow.io import read_table
+    from trackflow.learn.anomaly import KNNDetector, detection_metrics
 
     def raw(name: str) -> np.ndarray:
         return read_table(f"data/split/{name}.parquet").drop(columns="target").to_numpy()

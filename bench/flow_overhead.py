@@ -62,7 +62,7 @@ def timed_flow(repo: Path) -> tuple[float, float, dict]:
 
 def timed_dvc_repro(repo: Path) -> tuple[float, float]:
     """Run `dvc repro`; its wall time and the sum of its stages' command times (same rule)."""
-    from trackflow.pipeline import stage_env
+    from trackflow.pipeline.driver import stage_env
 
     start = time.perf_counter()
     commands, began = 0.0, None

@@ -26,11 +26,11 @@ from trackflow.config import (
     PreprocessConfig,
     SplitConfig,
 )
-from trackflow.data import load_bundled, to_canonical
-from trackflow.models import build_backbone, build_head
-from trackflow.preprocessing import preprocess
-from trackflow.split import split_table
-from trackflow.training import ClassifierLitModule
+from trackflow.data.ingest import load_bundled, to_canonical
+from trackflow.data.preprocessing import preprocess
+from trackflow.data.split import split_table
+from trackflow.learn.networks import build_backbone, build_head
+from trackflow.learn.training import ClassifierLitModule
 
 LABEL = "target"
 

@@ -165,7 +165,7 @@ def first_request_ms(port: int, path: str, body: bytes) -> tuple[float, float]:
 
 def feature_rows() -> list[dict[str, float]]:
     """The digits' raw rows, as the pipeline ingests them (no label)."""
-    from trackflow.data import load_bundled, to_canonical
+    from trackflow.data.ingest import load_bundled, to_canonical
 
     table = to_canonical(load_bundled("digits"), "target")[0].drop(columns="target")
     return table.sample(frac=1.0, random_state=0).to_dict(orient="records")
@@ -262,7 +262,8 @@ def print_model_costs(tracking_uri: str, name: str, rows: list[dict[str, float]]
     import torch
     from mlflow import MlflowClient
 
-    from trackflow.serving import load_version, prediction_rows
+    from trackflow.serving.model import load_version
+    from trackflow.serving.rows import prediction_rows
     from trackflow.tracking import Tracking
 
     torch.set_num_threads(1)

@@ -23,7 +23,7 @@ MODES = ("finetune", "feature_extraction", "scratch")
 
 
 def test_accuracy(model: Path) -> float:
-    from trackflow.models import load_classifier, predict_proba
+    from trackflow.learn.networks import load_classifier, predict_proba
     from trackflow.stages.scoring import labelled_arrays
 
     network, meta = load_classifier(model)
@@ -35,7 +35,7 @@ def logistic_references() -> dict[str, tuple[float, float]]:
     """Logistic regression on the features and on the frozen embedding: (accuracy, seconds)."""
     from sklearn.linear_model import LogisticRegression
 
-    from trackflow.models import load_backbone, load_network
+    from trackflow.learn.networks import load_backbone, load_network
     from trackflow.stages.scoring import labelled_arrays
 
     saved = load_network("models/backbone.pt")

@@ -1,6 +1,6 @@
 """Prefect flows over the DVC pipeline: ``flows.training`` and ``flows.scoring``.
 
-This package only wires library calls (``trackflow``; :mod:`trackflow.pipeline` drives DVC)
+This package only wires library calls (``trackflow``; :mod:`trackflow.pipeline.driver` drives DVC)
 into Prefect flows and tasks; it holds no numerical logic, and the library never imports it.
 
 Importing it sets two Prefect defaults this machine needs, unless already set: a 120 s start

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trackflow.pipeline import StageFailed, is_transient
+from trackflow.pipeline.driver import StageFailed, is_transient
 
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:

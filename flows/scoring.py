@@ -23,7 +23,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows.common import backoff, retry_if_transient
-from trackflow.batch import (
+from trackflow.config import BatchConfig, MlflowConfig, load_params
+from trackflow.errors import TrackflowError
+from trackflow.pipeline.driver import repo_tracking_config
+from trackflow.pipeline.report import render_batch_markdown
+from trackflow.serving.batch import (
     BatchResult,
     LoadedModel,
     load_model,
@@ -32,10 +36,6 @@ from trackflow.batch import (
     score_batch,
     write_batch_outputs,
 )
-from trackflow.config import BatchConfig, MlflowConfig, load_params
-from trackflow.errors import TrackflowError
-from trackflow.pipeline import repo_tracking_config
-from trackflow.report import render_batch_markdown
 from trackflow.tracking import TAG_PREFIX, scoring_experiment, setup_tracking
 
 ARTIFACT_KEY = "trackflow-batch-scoring"

@@ -28,7 +28,7 @@ from prefect.runtime import flow_run, task_run
 from flows.common import backoff, retry_if_transient
 from trackflow.config import MlflowConfig, Params, load_params
 from trackflow.errors import TrackflowError
-from trackflow.pipeline import (
+from trackflow.pipeline.driver import (
     StageFailed,
     StageOutcome,
     applied_params,
@@ -40,7 +40,7 @@ from trackflow.pipeline import (
     stage_order,
     stage_status,
 )
-from trackflow.report import pipeline_results, render_markdown
+from trackflow.pipeline.report import pipeline_results, render_markdown
 
 ARTIFACT_KEY = "trackflow-training"
 DEPLOYMENT_NAME = "served"  # prefect.yaml's deployment is "nightly"

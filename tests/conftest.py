@@ -221,8 +221,8 @@ def candidate_store(
 def imputing_twin(scorer: Any, rows: Any) -> Any:
     """A Scorer like ``scorer`` whose preprocessor, fitted on ``rows``, imputes missing values."""
     from trackflow.config import PreprocessConfig
-    from trackflow.packaging import Scorer
-    from trackflow.preprocessing import fit_preprocessor
+    from trackflow.data.preprocessing import fit_preprocessor
+    from trackflow.registry.packaging import Scorer
 
     config = PreprocessConfig(pca={"n_components": scorer.preprocessor[-1].n_components_})
     return Scorer(

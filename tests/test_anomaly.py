@@ -12,7 +12,9 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from tests.test_evaluation import trained_model
-from trackflow.anomaly import (
+from trackflow.config import AnomalyConfig
+from trackflow.io import read_json
+from trackflow.learn.anomaly import (
     SPACES,
     AnomalySets,
     IsolationForestDetector,
@@ -23,8 +25,6 @@ from trackflow.anomaly import (
     corrupt,
     evaluate_detectors,
 )
-from trackflow.config import AnomalyConfig
-from trackflow.io import read_json
 from trackflow.stages.anomaly import main as anomaly
 
 DETECTORS = [
@@ -72,7 +72,7 @@ def test_detectors_are_fitted_on_training_rows_only() -> None:
     from sklearn.preprocessing import StandardScaler
 
     from trackflow.config import ModelConfig
-    from trackflow.models import build_backbone, build_head
+    from trackflow.learn.networks import build_backbone, build_head
 
     rng = np.random.default_rng(0)
 

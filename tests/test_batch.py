@@ -10,19 +10,19 @@ import pandas as pd
 import pytest
 
 from tests.conftest import Candidate
-from trackflow.batch import (
+from trackflow.cli import main as cli
+from trackflow.config import load_params
+from trackflow.data.inputs import InputError
+from trackflow.errors import ConfigError
+from trackflow.io import read_json, read_table
+from trackflow.registry.packaging import log_packaged_model
+from trackflow.serving.batch import (
     load_model,
     output_paths,
     read_batch,
     score_batch,
     write_batch_outputs,
 )
-from trackflow.cli import main as cli
-from trackflow.config import load_params
-from trackflow.errors import ConfigError
-from trackflow.inputs import InputError
-from trackflow.io import read_json, read_table
-from trackflow.packaging import log_packaged_model
 from trackflow.tracking import Tracking, setup_tracking
 
 
@@ -146,7 +146,7 @@ def test_a_batch_of_noisy_digits_is_flagged_and_the_rules_that_fired_are_named(
 
 
 def test_the_batch_report_names_the_rules_that_fired(champion, candidates) -> None:
-    from trackflow.report import render_batch_markdown
+    from trackflow.pipeline.report import render_batch_markdown
 
     tracking, name, _ = champion
     model = load_model(tracking, f"models:/{name}@champion")

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from trackflow.config import BatchConfig
-from trackflow.drift import (
+from trackflow.data.drift import (
     AnomalyCount,
     anomaly_rate_limit,
     bin_shares,

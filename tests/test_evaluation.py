@@ -10,8 +10,8 @@ import pytest
 
 from tests.conftest import train_argv
 from trackflow.config import DiagnosisConfig, load_params
-from trackflow.evaluation import classification_metrics, diagnose, expected_calibration_error
 from trackflow.io import read_json
+from trackflow.learn.evaluation import classification_metrics, diagnose, expected_calibration_error
 from trackflow.stages.evaluate import main as evaluate
 from trackflow.stages.train import main as train
 from trackflow.tracking import set_tags, setup_tracking

@@ -26,7 +26,7 @@ from tests.conftest import REPO_ROOT, copy_project
 from trackflow.config import load_params
 from trackflow.errors import ConfigError, TrackflowError
 from trackflow.io import read_json
-from trackflow.pipeline import (
+from trackflow.pipeline.driver import (
     StageFailed,
     applied_params,
     classify_failure,
@@ -72,7 +72,7 @@ if step == "prepare":
     Path("data.txt").write_text("rows")
 elif step == "train":  # an MLflow run, like the real train stage
     from trackflow.config import load_params
-    from trackflow.lineage import run_tags
+    from trackflow.registry.lineage import run_tags
     from trackflow.tracking import setup_tracking
 
     params = load_params("params.yaml")  # tagged as the real stages are: flow run id included
@@ -452,7 +452,7 @@ def test_the_batch_scoring_flow_scores_publishes_and_refuses_a_bad_batch(
 
     from flows.scoring import batch_scoring_flow
     from tests.test_batch import raw_rows, register_champion
-    from trackflow.inputs import InputError
+    from trackflow.data.inputs import InputError
 
     tracking, version = register_champion(candidates["good"], candidate_store)
     model = f"models:/{candidate_store}@champion"

@@ -8,7 +8,7 @@ import pytest
 
 from trackflow.config import PromotionConfig, validate_params
 from trackflow.errors import ConfigError
-from trackflow.gate import (
+from trackflow.registry.gate import (
     Evaluation,
     GateSet,
     SeenRows,

@@ -31,9 +31,10 @@ def test_ingest_and_split_import_no_heavy_library(write_params, tmp_path) -> Non
 
 def test_the_library_and_the_command_line_import_without_heavy_libraries() -> None:
     code = (
-        "import sys, trackflow.cli, trackflow.config, trackflow.data, trackflow.split, "
-        "trackflow.preprocessing, trackflow.tracking, trackflow.io, trackflow.gate, "
-        "trackflow.promotion, trackflow.lineage, trackflow.inputs, trackflow.drift; "
+        "import sys, trackflow.cli, trackflow.config, trackflow.data.ingest, trackflow.data.split, "
+        "trackflow.data.preprocessing, trackflow.tracking, trackflow.io, trackflow.registry.gate, "
+        "trackflow.registry.promotion, trackflow.registry.lineage, trackflow.data.inputs, "
+        "trackflow.data.drift; "
         "trackflow.cli.build_parser(); "
         "print([m for m in ('prefect', 'torch', 'mlflow', 'fastapi') if m in sys.modules])"
     )

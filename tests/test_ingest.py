@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from trackflow.data import load_bundled, table_digest
+from trackflow.data.ingest import load_bundled, table_digest
 from trackflow.io import read_json, read_table
 from trackflow.stages.ingest import main as ingest
 

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from trackflow.inputs import InputError, check_rows
+from trackflow.data.inputs import InputError, check_rows
 from trackflow.io import read_json
-from trackflow.packaging import Scorer
+from trackflow.registry.packaging import Scorer
 
 ROWS = 6
 
@@ -30,8 +30,8 @@ def champion(candidates, tmp_path_factory) -> dict:
     """The ``good`` candidate logged, registered and aliased champion in the candidates' store."""
     from tests.conftest import candidate_store_uri
     from trackflow.config import MlflowConfig
-    from trackflow.packaging import log_packaged_model
-    from trackflow.promotion import register_candidate
+    from trackflow.registry.packaging import log_packaged_model
+    from trackflow.registry.promotion import register_candidate
     from trackflow.tracking import setup_tracking
 
     files = candidates["good"].files

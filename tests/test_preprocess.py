@@ -10,16 +10,16 @@ from sklearn.decomposition import PCA
 
 from tests.conftest import run_data_stages
 from trackflow.config import DataConfig, PreprocessConfig, SplitConfig
-from trackflow.data import load_bundled, to_canonical
-from trackflow.errors import ConfigError
-from trackflow.io import read_json, read_table
-from trackflow.preprocessing import (
+from trackflow.data.ingest import load_bundled, to_canonical
+from trackflow.data.preprocessing import (
     fit_preprocessor,
     training_features,
     transform_table,
     variance_metrics,
 )
-from trackflow.split import split_table
+from trackflow.data.split import split_table
+from trackflow.errors import ConfigError
+from trackflow.io import read_json, read_table
 from trackflow.stages.preprocess import main as preprocess
 
 LABEL = "target"
@@ -197,12 +197,12 @@ def test_a_failure_while_writing_rolls_back_and_fails_the_run(
 ) -> None:
     from mlflow import MlflowClient
 
-    import trackflow.preprocessing
+    import trackflow.data.preprocessing
 
     def broken_plot(*args: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(trackflow.preprocessing, "plot_spectrum", broken_plot)
+    monkeypatch.setattr(trackflow.data.preprocessing, "plot_spectrum", broken_plot)
     with pytest.raises(OSError, match="disk full"):
         run_data_stages(write_params())
     for name in ("processed", "models", "metrics", "plots"):

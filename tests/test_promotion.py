@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import Candidate
 from trackflow.io import read_json
-from trackflow.promotion import CHALLENGER, CHAMPION, champion_stack, ledger
+from trackflow.registry.promotion import CHALLENGER, CHAMPION, champion_stack, ledger
 from trackflow.stages.register import main as register
 
 LOW_FLOORS = {"promotion.min_accuracy": 0.0, "promotion.min_anomaly_auroc": 0.0}
@@ -186,9 +186,9 @@ def test_two_promotions_racing_leave_one_champion_and_a_consistent_ledger(
     candidates, candidate_store, write_params
 ) -> None:
     from trackflow.config import load_params
-    from trackflow.gate import seen_rows
-    from trackflow.packaging import log_packaged_model
-    from trackflow.promotion import record_seen_rows, register_candidate
+    from trackflow.registry.gate import seen_rows
+    from trackflow.registry.packaging import log_packaged_model
+    from trackflow.registry.promotion import record_seen_rows, register_candidate
     from trackflow.tracking import setup_tracking
 
     params = write_params({"model.name": candidate_store, **LOW_FLOORS})
@@ -240,9 +240,9 @@ def test_two_promotions_racing_leave_one_champion_and_a_consistent_ledger(
 
 
 def test_the_lock_is_released_on_error_waits_times_out_and_breaks_when_stale(monkeypatch) -> None:
-    import trackflow.promotion as promotion
+    import trackflow.registry.promotion as promotion
     from trackflow.config import MlflowConfig
-    from trackflow.promotion import PromotionError, promotion_lock
+    from trackflow.registry.promotion import PromotionError, promotion_lock
     from trackflow.tracking import setup_tracking
 
     client = setup_tracking(MlflowConfig()).client
@@ -353,9 +353,9 @@ def test_a_champion_taking_other_columns_is_not_compared(
     import pandas as pd
 
     from trackflow.config import PreprocessConfig, load_params
-    from trackflow.packaging import log_packaged_model
-    from trackflow.preprocessing import fit_preprocessor
-    from trackflow.promotion import register_candidate
+    from trackflow.data.preprocessing import fit_preprocessor
+    from trackflow.registry.packaging import log_packaged_model
+    from trackflow.registry.promotion import register_candidate
     from trackflow.tracking import setup_tracking
 
     files = candidates["good"].files
@@ -506,8 +506,8 @@ def test_a_champion_without_a_record_is_compared_only_on_the_same_split(
 ) -> None:
     """A champion registered before rows were recorded: its DVC split tells which rows it saw."""
     from trackflow.config import load_params
-    from trackflow.packaging import log_packaged_model
-    from trackflow.promotion import SPLIT_TAG, register_candidate
+    from trackflow.registry.packaging import log_packaged_model
+    from trackflow.registry.promotion import SPLIT_TAG, register_candidate
     from trackflow.tracking import setup_tracking
 
     params = write_params({"model.name": candidate_store, **LOW_FLOORS})

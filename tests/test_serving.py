@@ -33,21 +33,15 @@ import requests
 
 from tests.conftest import REPO_ROOT, Candidate, candidate_store_uri
 from trackflow.config import PreprocessConfig, ServeConfig, load_params
-from trackflow.inputs import InputError
+from trackflow.data.inputs import InputError
+from trackflow.data.preprocessing import build_preprocessor
 from trackflow.io import read_json, read_table
-from trackflow.packaging import Scorer, log_packaged_model
-from trackflow.preprocessing import build_preprocessor
-from trackflow.serving import (
-    TOKEN_VARIABLE,
-    Batcher,
-    ModelFollower,
-    ServedModel,
-    ServeSettings,
-    _plain_numbers,
-    create_app,
-    records_rows,
-    split_rows,
-)
+from trackflow.registry.packaging import Scorer, log_packaged_model
+from trackflow.serving.app import TOKEN_VARIABLE, ServeSettings, create_app
+from trackflow.serving.batching import Batcher
+from trackflow.serving.follower import ModelFollower
+from trackflow.serving.model import ServedModel
+from trackflow.serving.rows import _plain_numbers, records_rows, split_rows
 from trackflow.tracking import Tracking, setup_tracking
 
 TOKEN = "test-token-0123"
@@ -929,14 +923,14 @@ def test_a_version_that_meets_a_locked_store_is_loaded_at_the_next_poll_not_refu
     copied.promote("serving-locked", version)
     follower = ModelFollower(tracking, "serving-locked", "champion", poll_interval_s=1.0)
     lock = LockWhileLoading(store)
-    caplog.set_level(logging.INFO, logger="trackflow.serving")
-    logging.getLogger("trackflow.serving").addHandler(lock)
+    caplog.set_level(logging.INFO, logger="trackflow.serving.app")
+    logging.getLogger("trackflow.serving.app").addHandler(lock)
     try:
         follower.check()  # reads the alias, then meets the lock while loading
         during = follower.describe()
         follower.check()  # the next poll
     finally:
-        logging.getLogger("trackflow.serving").removeHandler(lock)
+        logging.getLogger("trackflow.serving.app").removeHandler(lock)
         lock.connection.close()
     after = follower.describe()
 
@@ -1006,7 +1000,7 @@ def test_a_batch_that_fails_is_scored_request_by_request(
         calls = [batcher.score(served, values) for values in requests_]
         return await asyncio.gather(*calls, return_exceptions=True)
 
-    with caplog.at_level(logging.WARNING, logger="trackflow.serving"):
+    with caplog.at_level(logging.WARNING, logger="trackflow.serving.app"):
         answers = asyncio.run(score_together())
 
     assert "a batch of 5 requests failed; scoring them one by one" in caplog.text

@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 
 from trackflow.config import DataConfig, SplitConfig
-from trackflow.data import load_bundled, to_canonical
+from trackflow.data.ingest import load_bundled, to_canonical
+from trackflow.data.split import split_table
 from trackflow.errors import DataError
 from trackflow.io import read_json, read_table
-from trackflow.split import split_table
 from trackflow.stages.split import main as split_stage
 
 LABEL = "target"

@@ -14,11 +14,8 @@ import torch
 from tests.conftest import pretrain_argv, train_argv
 from trackflow.config import ModelConfig, OptimizationConfig, ScheduleConfig, load_params
 from trackflow.io import read_json
-from trackflow.lineage import params_hash
-from trackflow.models import build_backbone, build_head, count_parameters, load_classifier
-from trackflow.stages.pretrain import main as pretrain
-from trackflow.stages.train import main as train
-from trackflow.training import (
+from trackflow.learn.networks import build_backbone, build_head, count_parameters, load_classifier
+from trackflow.learn.training import (
     BackboneFreezing,
     ClassifierLitModule,
     FeatureDataModule,
@@ -26,6 +23,9 @@ from trackflow.training import (
     build_trainer,
     transfer_callbacks,
 )
+from trackflow.registry.lineage import params_hash
+from trackflow.stages.pretrain import main as pretrain
+from trackflow.stages.train import main as train
 
 LABEL = "target"
 QUICK = {"pretrain.max_epochs": 3, "train.max_epochs": 3, "model.widths": [32, 16]}
@@ -372,7 +372,7 @@ def test_ddp_on_two_cpu_processes_makes_one_run(processed, write_params, tmp_pat
     [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)],
 )
 def test_optimizer_choices(name, kind) -> None:
-    from trackflow.training import build_optimizer
+    from trackflow.learn.training import build_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(2))]
     config = OptimizationConfig(optimizer=name, lr=0.01, weight_decay=0.1, momentum=0.8)

@@ -91,7 +91,7 @@ def _show_params(args: argparse.Namespace) -> None:
 
 
 def _export_example(args: argparse.Namespace) -> None:
-    from trackflow.data import load_bundled
+    from trackflow.data.ingest import load_bundled
     from trackflow.errors import DataError
     from trackflow.io import atomic_outputs
 

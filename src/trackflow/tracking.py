@@ -143,7 +143,7 @@ def source_tags(source: str | None = None) -> dict[str, str]:
         source: The entry point, e.g. ``trackflow.stages.train``; default: the module run with
             ``python -m``, else the program's file name.
     """
-    from trackflow.lineage import FLOW_RUN_ENV, git_state
+    from trackflow.registry.lineage import FLOW_RUN_ENV, git_state
 
     tags = {
         "mlflow.source.name": source or _entry_point(),

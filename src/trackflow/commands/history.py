@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
-    from trackflow.promotion import history_table, ledger, registry_errors
+    from trackflow.registry.promotion import history_table, ledger, registry_errors
     from trackflow.tracking import setup_tracking
 
     params = load_params(args.params)

@@ -22,8 +22,8 @@ def run(args: argparse.Namespace) -> None:
 
     from trackflow.config import load_params
     from trackflow.errors import ConfigError
-    from trackflow.lineage import format_trace, trace
-    from trackflow.promotion import registry_errors
+    from trackflow.registry.lineage import format_trace, trace
+    from trackflow.registry.promotion import registry_errors
     from trackflow.tracking import setup_tracking
 
     ref = args.model.removeprefix("models:/")

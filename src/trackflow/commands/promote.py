@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
     from trackflow.errors import ConfigError
-    from trackflow.gate import build_gate_set
-    from trackflow.promotion import (
+    from trackflow.registry.gate import build_gate_set
+    from trackflow.registry.promotion import (
         CHALLENGER,
         alias_version,
         promote_if_better,

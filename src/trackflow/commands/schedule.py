@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path.cwd()))
     try:
         from flows.training import serve
-        from trackflow.pipeline import parse_overrides
+        from trackflow.pipeline.driver import parse_overrides
     except ImportError as exc:
         raise ConfigError(f"{exc}: install the flows extra (pip install -e '.[flows]')") from None
     parameters = {"params": args.params, "overrides": parse_overrides(args.set)}

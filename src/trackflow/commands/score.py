@@ -30,14 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from trackflow.batch import (
+    from trackflow.config import load_params
+    from trackflow.serving.batch import (
         load_model,
         log_batch_run,
         read_batch,
         score_batch,
         write_batch_outputs,
     )
-    from trackflow.config import load_params
     from trackflow.tracking import scoring_experiment, setup_tracking
 
     options = {"psi_threshold": args.psi_threshold, "drift_share": args.drift_share}

@@ -5,7 +5,7 @@
 reads the alias every ``--poll-interval`` seconds and swaps in a newly promoted version once it has
 loaded and passed a smoke prediction. Set ``TRACKFLOW_API_TOKEN`` to require
 ``Authorization: Bearer <token>`` on every route but ``/health``, ``/ready`` and ``/ping``.
-Routes and formats: ``trackflow.serving``.
+Routes and formats: ``trackflow.serving.app``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """Validate the settings, point at the tracking store, and serve until interrupted."""
     from trackflow.config import load_params
-    from trackflow.serving import TOKEN_VARIABLE, ServeSettings, serve
+    from trackflow.serving.app import TOKEN_VARIABLE, ServeSettings, serve
     from trackflow.tracking import setup_tracking
 
     options = {

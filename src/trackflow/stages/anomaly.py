@@ -37,10 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     import joblib
 
-    from trackflow import anomaly as an
     from trackflow.config import load_params
     from trackflow.io import atomic_outputs, read_json, read_table, write_json
-    from trackflow.models import load_classifier
+    from trackflow.learn import anomaly as an
+    from trackflow.learn.networks import load_classifier
     from trackflow.stages.scoring import log_to_run
     from trackflow.tracking import setup_tracking, update_note
 

@@ -40,10 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from trackflow import evaluation as ev
     from trackflow.config import load_params
     from trackflow.io import atomic_outputs, read_json, write_json
-    from trackflow.models import load_classifier, predict_proba
+    from trackflow.learn import evaluation as ev
+    from trackflow.learn.networks import load_classifier, predict_proba
     from trackflow.stages.scoring import labelled_arrays, log_to_run
     from trackflow.tracking import setup_tracking, update_note
 

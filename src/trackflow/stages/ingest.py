@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
-    from trackflow.data import ingest
+    from trackflow.data.ingest import ingest
     from trackflow.io import atomic_outputs, write_json, write_table
 
     params = load_params(args.params)

@@ -35,8 +35,8 @@ def run(args: argparse.Namespace) -> None:
     import joblib
 
     from trackflow.config import flatten_params, load_params
+    from trackflow.data.preprocessing import plot_spectrum, preprocess
     from trackflow.io import atomic_outputs, read_json, read_table, write_json, write_table
-    from trackflow.preprocessing import plot_spectrum, preprocess
     from trackflow.tracking import TAG_PREFIX, log_metrics, log_params, setup_tracking, tracked_run
 
     params = load_params(args.params)

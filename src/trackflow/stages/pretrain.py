@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from trackflow.stages import add_params_argument, stage_main
 
 if TYPE_CHECKING:
-    from trackflow.stages.training_run import TrainingRun
+    from trackflow.learn.training_run import TrainingRun
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
     from trackflow.io import atomic_outputs, write_json
-    from trackflow.models import save_network
-    from trackflow.registry import register_version
-    from trackflow.stages.training_run import TrainingRun
+    from trackflow.learn.networks import save_network
+    from trackflow.learn.training_run import TrainingRun
+    from trackflow.registry.uris import register_version
 
     params = load_params(args.params)
     training = TrainingRun(params, params.pretrain, "source", args.data, "pretrain")
@@ -92,7 +92,7 @@ def _warn_of_stale_alias(training: TrainingRun, name: str, version: str) -> None
 
 def backbone_tags(training: TrainingRun) -> dict[str, str]:
     """What a backbone version was trained on: params, dataset, input width, training table."""
-    from trackflow.data import table_digest
+    from trackflow.data.ingest import table_digest
     from trackflow.tracking import TAG_PREFIX
 
     run_tags = training.tracking.client.get_run(training.run_id).data.tags

@@ -41,11 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
-    from trackflow.gate import build_gate_set, evaluate, seen_rows
     from trackflow.io import atomic_outputs, read_json, read_table, write_json
-    from trackflow.lineage import dvc_hashes, training_lineage
-    from trackflow.packaging import Scorer, log_packaged_model
-    from trackflow.promotion import (
+    from trackflow.registry.gate import build_gate_set, evaluate, seen_rows
+    from trackflow.registry.lineage import dvc_hashes, training_lineage
+    from trackflow.registry.packaging import Scorer, log_packaged_model
+    from trackflow.registry.promotion import (
         Contender,
         alias_version,
         promote_if_better,

@@ -26,9 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
-    from trackflow.data import table_digest
+    from trackflow.data.ingest import table_digest
+    from trackflow.data.split import split_table, summarize
     from trackflow.io import atomic_outputs, read_table, write_json, write_table
-    from trackflow.split import split_table, summarize
 
     params = load_params(args.params)
     label = params.data.label_column

@@ -23,7 +23,7 @@ from trackflow.stages import add_params_argument, require_inputs, stage_main
 if TYPE_CHECKING:
     from torch import nn
 
-    from trackflow.stages.training_run import TrainingRun
+    from trackflow.learn.training_run import TrainingRun
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
     from trackflow.errors import ConfigError
-    from trackflow.stages.training_run import TrainingRun
-    from trackflow.training import transfer_callbacks
+    from trackflow.learn.training import transfer_callbacks
+    from trackflow.learn.training_run import TrainingRun
 
     params = load_params(args.params)
     config = params.train
@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> None:
 
 def _backbone(training: TrainingRun, pretrained: Path) -> tuple[nn.Module, dict[str, str]]:
     """The backbone to adapt and tags saying where it came from."""
-    from trackflow.models import load_backbone, load_network
-    from trackflow.registry import resolve
+    from trackflow.learn.networks import load_backbone, load_network
+    from trackflow.registry.uris import resolve
 
     config = training.params.train
     if config.mode == "scratch" or config.backbone is None:

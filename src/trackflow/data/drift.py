@@ -363,7 +363,7 @@ def compare_to_profile(
         profile: The training rows' profile.
         rows: New rows, shape (n_rows, n_features), with (at least) the profile's features;
             checked (numeric, no infinities) beforehand, e.g. by :meth:`Scorer.check
-            <trackflow.packaging.Scorer.check>`. A missing value (NaN) is not drift: each
+            <trackflow.registry.packaging.Scorer.check>`. A missing value (NaN) is not drift: each
             feature is compared on its present values; one with none shows no drift.
         config: The rules' thresholds; default :class:`~trackflow.config.BatchConfig`'s.
         anomalies: The detector's count in these rows, for the ``anomaly_rate`` rule.

@@ -1,10 +1,10 @@
 """The REST service's published contract: request and response models, and its OpenAPI document.
 
-The routes of :mod:`trackflow.serving` read raw bytes and write JSON themselves (the fast path);
+The routes of :mod:`trackflow.serving.app` read raw bytes and write JSON themselves (the fast path);
 the pydantic models here describe what they take and give, for ``GET /openapi.json`` and
 ``/docs``. Once a version is served, the document names its exact columns and the range each
-takes (:attr:`~trackflow.packaging.Scorer.limits`), so a client generated from it, or a fuzzer,
-sends what the service accepts.
+takes (:attr:`~trackflow.registry.packaging.Scorer.limits`), so a client generated from it, or a
+fuzzer, sends what the service accepts.
 """
 
 from __future__ import annotations

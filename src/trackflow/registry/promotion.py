@@ -2,7 +2,7 @@
 
 - Every candidate becomes a new version with the alias ``challenger``.
 - :func:`promote_if_better` re-scores the challenger and the current ``champion`` on the same
-  pinned rows (:mod:`trackflow.gate`) and moves ``champion`` only if the gate says so.
+  pinned rows (:mod:`trackflow.registry.gate`) and moves ``champion`` only if the gate says so.
 - Every alias move and gate decision is appended to a **ledger** kept in the registry itself, as
   registered-model tags ``trackflow.ledger.<seq>`` holding one JSON entry each (who, what, when,
   why: versions, run id, metrics, git commit). Entries are only ever added. :func:`rollback` moves
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from trackflow.config import PromotionConfig
-    from trackflow.gate import Decision, Evaluation, GateSet, SeenRows
+    from trackflow.registry.gate import Decision, Evaluation, GateSet, SeenRows
     from trackflow.tracking import Tracking
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class Contender:
         Raises:
             PromotionError: It cannot score the rows (one line naming the version and the error).
         """
-        from trackflow.gate import evaluate
+        from trackflow.registry.gate import evaluate
 
         try:
             return evaluate(self.predict, gate_set)
@@ -181,7 +181,7 @@ def read_seen_rows(tracking: Tracking, run_id: str | None) -> SeenRows | None:
 
     from mlflow.exceptions import MlflowException
 
-    from trackflow.gate import SeenRows
+    from trackflow.registry.gate import SeenRows
 
     if not run_id:
         return None
@@ -409,8 +409,8 @@ def promote_if_better(
 
     Both are scored inside the lock, so a concurrent promotion cannot change the champion between
     the comparison and the move, and only on the gate rows neither trained or early-stopped on
-    (:func:`~trackflow.gate.comparable_rows`). The decision is recorded on the version (tags
-    ``trackflow.gate.*``, its description), on its run (``gate/*`` metrics) and in the ledger.
+    (:func:`~trackflow.registry.gate.comparable_rows`). The decision is recorded on the version
+    (tags ``trackflow.gate.*``, its description), on its run (``gate/*`` metrics) and in the ledger.
 
     Args:
         tracking: The tracking store holding the registry.
@@ -428,7 +428,7 @@ def promote_if_better(
         PromotionError: The version cannot be loaded or cannot score the gate rows; nothing in
             the registry changed.
     """
-    from trackflow.gate import Decision
+    from trackflow.registry.gate import Decision
 
     client = tracking.client
     with promotion_lock(client, name, config.lock_timeout_s):
@@ -475,7 +475,7 @@ def judge(
     Raises:
         PromotionError: The challenger cannot score the rows.
     """
-    from trackflow.gate import comparable_rows, decide
+    from trackflow.registry.gate import comparable_rows, decide
 
     own = challenger.held_out(gate_set)
     problem = champion if isinstance(champion, str) else None

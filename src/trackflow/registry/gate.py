@@ -356,8 +356,8 @@ def build_gate_set(splits: Path, params: Params) -> GateSet:
     same held-out anomalies the anomaly stage reports on. Each row keeps its origin (a corruption's
     is the test row it was made from), so rows a model saw can be left out of its comparison.
     """
-    from trackflow.anomaly import anomaly_sets
-    from trackflow.data import table_digest
+    from trackflow.data.ingest import table_digest
+    from trackflow.learn.anomaly import anomaly_sets
 
     label = params.data.label_column
     raw = read_parts(splits)

@@ -24,10 +24,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from trackflow.config import OptimizationConfig, ScheduleConfig
+from trackflow.data.split import SPLITS
 from trackflow.errors import DataError
 from trackflow.io import read_table
-from trackflow.models import count_parameters
-from trackflow.split import SPLITS
+from trackflow.learn.networks import count_parameters
 
 if TYPE_CHECKING:
     from trackflow.tracking import Tracking

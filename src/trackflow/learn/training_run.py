@@ -21,8 +21,16 @@ from torch import nn
 
 from trackflow.config import OptimizationConfig, Params, flatten_params
 from trackflow.io import atomic_outputs, read_json, write_json
-from trackflow.lineage import log_datasets, params_hash, run_tags
-from trackflow.models import build_backbone, build_head, init_weights, save_network
+from trackflow.learn.networks import build_backbone, build_head, init_weights, save_network
+from trackflow.learn.training import (
+    ClassifierLitModule,
+    EpochReport,
+    FeatureDataModule,
+    accuracy,
+    fit_classifier,
+    summary_metrics,
+)
+from trackflow.registry.lineage import log_datasets, params_hash, run_tags
 from trackflow.stages import require_inputs
 from trackflow.tracking import (
     TAG_PREFIX,
@@ -33,14 +41,6 @@ from trackflow.tracking import (
     setup_tracking,
     source_tags,
     update_note,
-)
-from trackflow.training import (
-    ClassifierLitModule,
-    EpochReport,
-    FeatureDataModule,
-    accuracy,
-    fit_classifier,
-    summary_metrics,
 )
 
 log = logging.getLogger(__name__)

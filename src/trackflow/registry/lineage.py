@@ -111,7 +111,7 @@ def log_datasets(
     from mlflow.data.pandas_dataset import from_pandas
     from mlflow.entities import DatasetInput, InputTag
 
-    from trackflow.data import table_digest
+    from trackflow.data.ingest import table_digest
 
     with warnings.catch_warnings():  # MLflow's hint that int columns cannot hold NaN
         warnings.simplefilter("ignore", UserWarning)
@@ -136,7 +136,7 @@ def trace(tracking: Tracking, name: str, ref: str) -> dict[str, Any]:
         name: Registered model name.
         ref: An alias (``champion``) or a version number.
     """
-    from trackflow.promotion import ledger
+    from trackflow.registry.promotion import ledger
 
     client = tracking.client
     version = (

@@ -5,14 +5,15 @@ For ``new.csv`` (or ``new.parquet``) the outputs go next to it, written all toge
 - ``new.scored.csv``: the input rows, every input column kept (ids pass through), plus the packaged
   model's ``label``, ``proba_<class>``, ``anomaly_score`` and ``is_anomaly``;
 - ``new.drift.json``: the batch against the model's training profile
-  (:func:`trackflow.drift.compare_to_profile`): which drift rules fired, and the batch's counts.
+  (:func:`trackflow.data.drift.compare_to_profile`): which drift rules fired, and the batch's
+  counts.
 
 A scored batch is recorded as a run of its own experiment, ``<experiment>-scoring``
 (:func:`log_batch_run`), named ``batch-score-<file>-v<version>``.
 
 A table the model cannot score (missing feature columns, non-numeric values, infinities, missing
 values unless the model imputes them, no rows, not a table) is refused with an
-:class:`~trackflow.inputs.InputError` before anything is written.
+:class:`~trackflow.data.inputs.InputError` before anything is written.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from trackflow.config import BatchConfig
-from trackflow.drift import AnomalyCount, DriftReport, compare_to_profile
+from trackflow.data.drift import AnomalyCount, DriftReport, compare_to_profile
+from trackflow.data.inputs import InputError
 from trackflow.errors import ConfigError
-from trackflow.inputs import InputError
 from trackflow.io import atomic_outputs, write_json
 
 if TYPE_CHECKING:
-    from trackflow.packaging import Scorer
+    from trackflow.registry.packaging import Scorer
     from trackflow.tracking import Tracking
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -43,8 +44,8 @@ class LoadedModel:
     """A packaged model loaded for scoring, by whatever URI was asked for.
 
     Attributes:
-        scorer: The packaged model's :class:`~trackflow.packaging.Scorer`.
-        profile: The training rows' profile (:func:`trackflow.drift.build_profile`).
+        scorer: The packaged model's :class:`~trackflow.registry.packaging.Scorer`.
+        profile: The training rows' profile (:func:`trackflow.data.drift.build_profile`).
         uri: The URI asked for, e.g. ``models:/trackflow@champion``.
         version: The registered version it names or resolved to (``None`` for other URIs).
     """

@@ -1,0 +1,1 @@
+"""Data in: reading, checking and profiling tables, splitting them, preprocessing, and drift."""

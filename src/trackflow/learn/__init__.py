@@ -1,0 +1,1 @@
+"""Learning: networks, Lightning training with transfer learning, evaluation, anomaly detectors."""
