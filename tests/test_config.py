@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pydantic
 import pytest
+import yaml
 
 from tests.conftest import REPO_ROOT
 from trackflow.cli import main as cli
@@ -11,9 +13,45 @@ from trackflow.config import Params, flatten_params, load_params, validate_param
 from trackflow.errors import ConfigError
 
 
-def test_repository_params_are_valid_and_spell_out_every_key() -> None:
-    params = load_params(REPO_ROOT / "params.yaml")
-    assert flatten_params(params).keys() == flatten_params(Params()).keys()
+def test_params_yaml_spells_out_every_key() -> None:
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    assert _dotted_keys(raw) == flatten_params(Params()).keys()
+
+
+def test_params_yaml_values_are_the_defaults() -> None:
+    """One set of defaults: a key left out of params.yaml runs with the value params.yaml states."""
+    stated = flatten_params(load_params(REPO_ROOT / "params.yaml"))
+    defaults = flatten_params(Params())
+    disagree = [
+        f"{key}: params.yaml {stated[key]!r}, config.py {defaults[key]!r}"
+        for key in defaults
+        if (type(stated[key]), stated[key]) != (type(defaults[key]), defaults[key])
+    ]
+    assert not disagree, "defaults in config.py differ from params.yaml:\n" + "\n".join(disagree)
+
+
+def test_schema_advertises_the_values_params_yaml_runs_with(capsys) -> None:
+    assert cli(["params", "--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    for key, value in flatten_params(load_params(REPO_ROOT / "params.yaml")).items():
+        assert _schema_default(schema, key) == value, key
+
+
+def _dotted_keys(raw: dict[str, Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        keys |= _dotted_keys(value, f"{dotted}.") if isinstance(value, dict) else {dotted}
+    return keys
+
+
+def _schema_default(schema: dict[str, Any], key: str) -> Any:
+    node = schema
+    for part in key.split("."):
+        if "$ref" in node:
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        node = node["properties"][part]
+    return node["default"]
 
 
 def test_params_are_frozen() -> None:

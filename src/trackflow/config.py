@@ -218,7 +218,7 @@ class ModelConfig(_Section):
     )
     norm: Literal["batch", "layer", "group", "none"] = "batch"
     activation: Literal["relu", "gelu", "silu", "tanh", "leaky_relu"] = "relu"
-    dropout: float = Field(0.1, ge=0, lt=1)
+    dropout: float = Field(0.3, ge=0, lt=1)
     init: Literal["xavier", "he", "normal", "default"] = Field(
         "he", description="Initialization of new layers (a transferred backbone keeps its weights)."
     )
@@ -243,15 +243,18 @@ class TrainerConfig(_Section):
 
 
 class OptimizationConfig(_Section):
-    """How a model is fitted; shared by the pretrain and train sections."""
+    """How a model is fitted; shared by the pretrain and train sections.
+
+    The defaults are the train section's; :class:`PretrainConfig` states the ones it changes.
+    """
 
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(3e-4, gt=0, description="Learning rate of the head (and of a new model).")
+    lr: float = Field(3e-3, gt=0, description="Learning rate of the head (and of a new model).")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only.")
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty.")
     schedule: ScheduleConfig = ScheduleConfig()
     batch_size: PositiveInt = 64
-    max_epochs: PositiveInt = 40
+    max_epochs: PositiveInt = 60
     early_stopping_patience: PositiveInt | None = Field(
         10, description="Epochs without a lower val/loss before stopping; null = off."
     )
@@ -265,7 +268,8 @@ class OptimizationConfig(_Section):
 class PretrainConfig(OptimizationConfig):
     """Training of backbone + head on the source task."""
 
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, description="Learning rate of backbone and head.")
+    max_epochs: PositiveInt = 20
 
 
 class TrainConfig(OptimizationConfig):
@@ -394,7 +398,7 @@ class PromotionConfig(_Section):
         "refuses to compare.",
     )
     lock_timeout_s: float = Field(
-        300, gt=0, description="How long a promotion waits for another one to finish."
+        300.0, gt=0, description="How long a promotion waits for another one to finish."
     )
 
     @model_validator(mode="after")
