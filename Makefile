@@ -1,5 +1,6 @@
 # `make run`: set up (if needed), then run the whole pipeline on the default data with `dvc repro`.
-# `make test`: set up (if needed), then run the test suite.
+# `make test`: set up (if needed), lint (ruff check, ruff format --check), then run the test suite;
+#   CI runs it from a clean clone (.ci/run). `make test-fast` skips the lint and the slow tests.
 # `make flow`, `make serve`: the pipeline as a Prefect flow; the REST service on the champion.
 # Set-up creates .venv with the Python found as $(PYTHON) and installs the locked set of packages.
 
@@ -34,12 +35,13 @@ flow: install
 serve: install
 	trackflow serve
 
-test: install
+test: install lint
 	pytest $(PYTEST_ARGS)
 
 test-fast: install
 	pytest -m "not slow" $(PYTEST_ARGS)
 
+# ruff also formats the python blocks in README.md and docs/*.md; `make format` fixes most findings.
 lint: install
 	ruff check .
 	ruff format --check .
