@@ -27,9 +27,9 @@ from trackflow.config import BatchConfig, MlflowConfig, load_params
 from trackflow.errors import TrackflowError
 from trackflow.pipeline.driver import repo_tracking_config
 from trackflow.pipeline.report import render_batch_markdown
+from trackflow.registry.loading import LoadedVersion
 from trackflow.serving.batch import (
     BatchResult,
-    LoadedModel,
     load_model,
     log_batch_run,
     read_batch,
@@ -49,13 +49,13 @@ RETRYING = {
 
 
 @task(**RETRYING)
-def load(config: MlflowConfig, uri: str) -> LoadedModel:
+def load(config: MlflowConfig, uri: str) -> LoadedVersion:
     """Load the model to score with (its alias resolved to a version)."""
     return load_model(setup_tracking(config), uri)
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def score(batch: Path, model: LoadedModel, config: BatchConfig) -> Any:
+def score(batch: Path, model: LoadedVersion, config: BatchConfig) -> Any:
     """Check, score and compare the batch; write both outputs or none."""
     result = score_batch(read_batch(batch), model, config)
     return result, write_batch_outputs(result, batch)
@@ -65,7 +65,7 @@ def score(batch: Path, model: LoadedModel, config: BatchConfig) -> Any:
 def record(
     config: MlflowConfig,
     result: BatchResult,
-    model: LoadedModel,
+    model: LoadedVersion,
     batch: Path,
     outputs: tuple[Path, Path],
 ) -> str:

@@ -42,6 +42,12 @@ def preview(items: Iterable[object], limit: int = 8, width: int = 40) -> str:
     return f"{shown}, ... ({len(names)} in all)" if len(names) > limit else shown
 
 
+def why(exc: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {shorten(lines[0] if lines else '(no message)', 160)}"
+
+
 def shorten(text: str, width: int = 40) -> str:
     """``text`` cut to ``width`` characters, ending in ``...`` when it was cut."""
     return text if len(text) <= width else f"{text[: width - 3]}..."

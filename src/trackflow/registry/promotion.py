@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trackflow.errors import TrackflowError
+from trackflow.errors import TrackflowError, why
 from trackflow.tracking import TAG_PREFIX
 
 if TYPE_CHECKING:
@@ -118,57 +118,28 @@ class Contender:
             ) from None
 
 
-def why(exc: BaseException) -> str:
-    """An exception as one short line: its type and the first line of its message."""
-    from trackflow.errors import shorten
-
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {shorten(lines[0] if lines else '(no message)', 160)}"
-
-
 def load_contender(tracking: Tracking, name: str, version: str, role: str) -> Contender:
     """Load a registered version for the gate, with the columns and rows it was trained on.
 
     Raises:
         PromotionError: Its files cannot be loaded, or it is not a trackflow model.
     """
-    import mlflow.pyfunc
-
-    from trackflow.tracking import fluent_tracking
+    from trackflow.registry.loading import NotPackagedModel, UnloadableVersion, load_version
+    from trackflow.registry.uris import model_uri
 
     label = f"{name} {role} version {version}"
-    model_version = tracking.client.get_model_version(name, version)
     try:
-        with fluent_tracking(tracking):
-            model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-    except Exception as exc:  # corrupt or missing files raise anything from pickle to OSError
+        loaded = load_version(tracking, model_uri(name, version=version))
+    except UnloadableVersion as exc:
+        problem = f"cannot be loaded from {exc.source} ({exc.problem})"
+        raise PromotionError(f"{label} {problem}") from None
+    except NotPackagedModel as exc:
         raise PromotionError(
-            f"{label} cannot be loaded from {model_version.source} ({_load_problem(exc)})"
-        ) from None
-    scorer = getattr(_python_model(model), "scorer", None)
-    if not isinstance(getattr(scorer, "columns", None), list):
-        raise PromotionError(
-            f"{label} is not a trackflow model (no scorer of raw rows in {model_version.source});"
+            f"{label} is not a trackflow model (no scorer of raw rows in {exc.registered.source});"
             " only versions registered by the register stage can be gated"
-        )
-    seen = read_seen_rows(tracking, model_version.run_id)
-    return Contender(name, str(version), role, model.predict, scorer.columns, seen)
-
-
-def _load_problem(exc: BaseException) -> str:
-    """What a load failure means, for a person: missing files, corrupt files, or the error."""
-    text = why(exc)
-    if "No such artifact" in text or isinstance(exc, FileNotFoundError):
-        return f"its files are missing: {text}"
-    return f"its files are corrupt or unreadable: {text}"
-
-
-def _python_model(model: Any) -> Any:
-    """The Python object behind a loaded pyfunc model, or None for other flavours."""
-    try:
-        return model.unwrap_python_model()
-    except Exception:  # MLflow raises for every flavour that is not a PythonModel
-        return None
+        ) from None
+    seen = read_seen_rows(tracking, loaded.registered.run_id)
+    return Contender(name, str(version), role, loaded.model.predict, loaded.scorer.columns, seen)
 
 
 def read_seen_rows(tracking: Tracking, run_id: str | None) -> SeenRows | None:
@@ -279,20 +250,13 @@ def promotion_lock(client: MlflowClient, name: str, timeout_s: float) -> Iterato
     Raises:
         PromotionError: Another promotion held the lock for longer than ``timeout_s``.
     """
-    from mlflow.exceptions import MlflowException
+    from trackflow.registry.uris import create_registered_model
 
     lock = name + LOCK_SUFFIX
     holder = f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex}"
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.create_registered_model(
-                lock, tags={"holder": holder}, description=f"trackflow: promotion of {name} running"
-            )
-            break
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
+    fields = {"tags": {"holder": holder}, "description": f"trackflow: promotion of {name} running"}
+    while not create_registered_model(client, lock, **fields):
         _break_if_stale(client, lock)
         if time.monotonic() > deadline:
             raise PromotionError(
@@ -362,16 +326,11 @@ def register_candidate(
     Returns:
         The new version number.
     """
-    from mlflow.exceptions import MlflowException
-
+    from trackflow.registry.uris import create_registered_model
     from trackflow.tracking import fluent_tracking
 
     client = tracking.client
-    try:
-        client.create_registered_model(name, description="trackflow classifier of raw rows")
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
+    create_registered_model(client, name, description="trackflow classifier of raw rows")
     # MLflow resolves a models:/m-<id> source through the process-wide tracking URI.
     with promotion_lock(client, name, timeout_s), fluent_tracking(tracking):
         version = str(

@@ -5,11 +5,54 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from trackflow.errors import ConfigError
 from trackflow.tracking import Tracking
 
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+#: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: a registered model's alias or version.
+MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def model_uri(name: str, alias: str | None = None, version: str | int | None = None) -> str:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (one of alias and version)."""
+    return f"models:/{name}@{alias}" if alias is not None else f"models:/{name}/{version}"
+
+
+def registered_version(tracking: Tracking, uri: str) -> ModelVersion | None:
+    """The registered version a ``models:/`` URI names, its alias resolved; None for other URIs.
+
+    Raises:
+        MlflowException: The registry has no such model, alias or version.
+    """
+    match = MODELS_URI.match(uri)
+    if match is None:
+        return None
+    if match["alias"]:
+        return tracking.client.get_model_version_by_alias(match["name"], match["alias"])
+    return tracking.client.get_model_version(match["name"], match["version"])
+
+
+def create_registered_model(client: MlflowClient, name: str, **fields: Any) -> bool:
+    """Create the registered model ``name`` (with ``tags``, ``description``) unless it exists.
+
+    Returns:
+        Whether this call created it: creation is atomic in every MLflow store, so of callers
+        racing to create one name exactly one gets True.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, **fields)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -30,14 +73,8 @@ def register_version(
     Returns:
         The new version number.
     """
-    from mlflow.exceptions import MlflowException
-
     client = tracking.client
-    try:
-        client.create_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
+    create_registered_model(client, name)
     version = client.create_model_version(
         name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags
     ).version
@@ -55,13 +92,7 @@ def resolve(tracking: Tracking, uri: str, destination: str | Path) -> Resolved:
 
     try:
         version = None
-        if match := _MODELS_URI.match(uri):
-            name, alias = match["name"], match["alias"]
-            model = (
-                tracking.client.get_model_version_by_alias(name, alias)
-                if alias
-                else tracking.client.get_model_version(name, match["version"])
-            )
+        if (model := registered_version(tracking, uri)) is not None:
             run_id, version = model.run_id, str(model.version)
         elif uri.startswith("runs:/") and len(uri.split("/")) >= 3:
             run_id = uri.split("/")[1]

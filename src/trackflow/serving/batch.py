@@ -32,28 +32,10 @@ from trackflow.errors import ConfigError
 from trackflow.io import atomic_outputs, write_json
 
 if TYPE_CHECKING:
-    from trackflow.registry.packaging import Scorer
+    from trackflow.registry.loading import LoadedVersion
     from trackflow.tracking import Tracking
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A packaged model loaded for scoring, by whatever URI was asked for.
-
-    Attributes:
-        scorer: The packaged model's :class:`~trackflow.registry.packaging.Scorer`.
-        profile: The training rows' profile (:func:`trackflow.data.drift.build_profile`).
-        uri: The URI asked for, e.g. ``models:/trackflow@champion``.
-        version: The registered version it names or resolved to (``None`` for other URIs).
-    """
-
-    scorer: Scorer
-    profile: dict[str, Any]
-    uri: str
-    version: str | None
 
 
 @dataclass(frozen=True)
@@ -98,7 +80,7 @@ def read_batch(path: str | Path) -> pd.DataFrame:
 
 
 def score_batch(
-    frame: pd.DataFrame, model: LoadedModel, config: BatchConfig | None = None
+    frame: pd.DataFrame, model: LoadedVersion, config: BatchConfig | None = None
 ) -> BatchResult:
     """Score a batch and compare it with the model's training profile.
 
@@ -157,41 +139,39 @@ def write_batch_outputs(result: BatchResult, batch: str | Path) -> tuple[Path, P
     return scored_path, report_path
 
 
-def load_model(tracking: Tracking, uri: str) -> LoadedModel:
-    """Load a packaged model by URI; an alias is resolved to its version first.
+def load_model(tracking: Tracking, uri: str) -> LoadedVersion:
+    """Load a packaged model to score with (:func:`~trackflow.registry.loading.load_version`).
 
-    Resolving first means the version logged with the scores is the one that scored, even if the
-    alias moves meanwhile.
+    An alias is resolved to its version first: the version logged with the scores is the one that
+    scored, even if the alias moves meanwhile.
 
     Raises:
-        ConfigError: The URI names nothing in the registry, or not a trackflow packaged model.
+        ConfigError: The URI names nothing in the registry, or not a trackflow packaged model
+            packaged with its training profile.
     """
-    import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
-    from trackflow.tracking import fluent_tracking
+    from trackflow.registry.loading import NotPackagedModel, UnloadableVersion, load_version
 
-    version, load_uri = None, uri
     try:
-        match = _MODELS_URI.match(uri)
-        if match and match["alias"]:
-            found = tracking.client.get_model_version_by_alias(match["name"], match["alias"])
-            version, load_uri = str(found.version), f"models:/{match['name']}/{found.version}"
-        elif match:
-            version = match["version"]
-        with fluent_tracking(tracking):
-            wrapped = mlflow.pyfunc.load_model(load_uri).unwrap_python_model()
+        model = load_version(tracking, uri)
     except MlflowException as exc:
         raise ConfigError(f"cannot load model {uri!r}: {exc.message}") from None
-    if not hasattr(wrapped, "scorer") or not hasattr(wrapped, "profile"):
+    except UnloadableVersion as exc:
+        if not isinstance(exc.error, MlflowException):
+            raise exc.error from None  # corrupt files: the error itself
+        raise ConfigError(f"cannot load model {uri!r}: {exc.error.message}") from None
+    except NotPackagedModel:
+        model = None
+    if model is None or model.profile is None:
         raise ConfigError(f"model {uri!r} is not a trackflow packaged model (no scorer/profile)")
-    return LoadedModel(wrapped.scorer, wrapped.profile, uri, version)
+    return model
 
 
 def log_batch_run(
     tracking: Tracking,
     result: BatchResult,
-    model: LoadedModel,
+    model: LoadedVersion,
     batch: str | Path,
     outputs: tuple[Path, Path],
     tags: dict[str, str] | None = None,
@@ -242,13 +222,13 @@ def log_batch_run(
     return run_id
 
 
-def batch_run_name(batch: str | Path, model: LoadedModel) -> str:
+def batch_run_name(batch: str | Path, model: LoadedVersion) -> str:
     """``batch-score-<file stem>[-v<version>]``: what was scored, with which version."""
     version = f"-v{model.version}" if model.version is not None else ""
     return f"batch-score-{Path(batch).stem}{version}"
 
 
-def batch_summary(result: BatchResult, model: LoadedModel) -> str:
+def batch_summary(result: BatchResult, model: LoadedVersion) -> str:
     """The headline numbers of a scored batch in one line: rows, anomaly rate, drift verdict."""
     counts = result.counts
     version = f" (version {model.version})" if model.version is not None else ""

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _WARM_UP_CALLS = 5
+NOT_PACKAGED = "it is not a trackflow packaged model (it holds no Scorer)"
 
 
 class RefusedVersion(Exception):
@@ -131,31 +132,30 @@ def load_version(tracking: Tracking, name: str, version: str) -> ServedModel:
             that are not probabilities.
         Exception: Anything else that stops it: the version's own fault (it does not unpickle,
             its smoke prediction fails), or a transient one (a locked store, an artifact store
-            out of reach; see :func:`is_transient_failure`).
+            out of reach; see :func:`~trackflow.serving.follower.is_transient_failure`).
     """
-    import mlflow.pyfunc
+    from trackflow.registry import loading
+    from trackflow.registry.uris import model_uri
 
-    from trackflow.registry.packaging import Scorer
-    from trackflow.tracking import fluent_tracking
-
-    registered = tracking.client.get_model_version(name, version)
-    # MLflow finds a version's logged model (models:/m-<id>) through the process-wide URI.
-    with tempfile.TemporaryDirectory(prefix="trackflow-") as folder, fluent_tracking(tracking):
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}", dst_path=folder)
-    scorer = getattr(model.unwrap_python_model(), "scorer", None)
-    if not isinstance(scorer, Scorer):
-        raise RefusedVersion("it is not a trackflow packaged model (it holds no Scorer)")
+    with tempfile.TemporaryDirectory(prefix="trackflow-") as folder:
+        try:
+            loaded = loading.load_version(tracking, model_uri(name, version=version), folder)
+        except loading.UnloadableVersion as exc:  # the follower tells its fault from a passing one
+            raise exc.error from None
+        except loading.NotPackagedModel:
+            raise RefusedVersion(NOT_PACKAGED) from None
+    registered = loaded.registered
     run_tags = tracking.client.get_run(registered.run_id).data.tags if registered.run_id else {}
     served = ServedModel(
         name=name,
         version=str(version),
         run_id=registered.run_id,
         source=registered.source,
-        scorer=scorer,
+        scorer=loaded.scorer,
         lineage={"version_tags": _lineage(registered.tags), "run_tags": _lineage(run_tags)},
         loaded_at=utc_now(),
     )
-    served.smoke_test(model.input_example)
+    served.smoke_test(loaded.model.input_example)
     return served
 
 
