@@ -63,13 +63,13 @@ def main() -> None:
     for seed in args.seeds:
         with scratch({"base.seed": seed, **TEN_CLASSES, **parse_overrides(args.set)}):
             run("ingest", "split", "preprocess", "train", "evaluate")
-            metrics = read_json("metrics/evaluate.json")
+            metrics = read_json("plots/evaluate/all_metrics.json")
             accuracy.setdefault("trackflow CNN (scratch)", []).append(metrics["test"]["accuracy"])
             for name, value in metrics["baseline"].items():
                 accuracy.setdefault(f"scikit-learn {name}", []).append(value)
         with scratch({"base.seed": seed, **parse_overrides(args.set_anomaly)}):
             run("ingest", "split", "preprocess", "pretrain", "train", "anomaly")
-            for name, per_kind in read_json("metrics/anomaly.json").items():
+            for name, per_kind in read_json("plots/anomaly/all_metrics.json").items():
                 auroc.setdefault(name, []).append(per_kind["source_classes"]["auroc"])
             auroc.setdefault("reference: kNN on raw features", []).append(raw_knn_auroc())
     print(f"\n10-class digits, test accuracy, seeds {args.seeds} (medians)")

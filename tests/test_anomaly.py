@@ -149,7 +149,7 @@ def test_anomaly_stage_writes_one_table_and_the_selected_detector(processed, wri
         ]
     )
     assert code == 0
-    metrics = read_json("anomaly.json")
+    metrics = read_json("plots/all_metrics.json")  # every number; anomaly.json: the headline
     kinds = {"source_classes", "gaussian_noise", "inverted", "constant", "scaled", "all"}
     assert set(metrics) == {"knn", "mahalanobis", "pca_reconstruction", "isolation_forest"}
     for per_kind in metrics.values():
@@ -164,6 +164,27 @@ def test_anomaly_stage_writes_one_table_and_the_selected_detector(processed, wri
         == metrics["knn"]["source_classes"]["auroc"]
     )
     assert metrics[bundle["name"]]["all"]["auroc"] > 0.9
+    saved = metrics[bundle["name"]]
+    assert read_json("anomaly.json") == {
+        "detector": bundle["name"],
+        "auroc": saved["all"]["auroc"],
+        "auroc_real": saved["source_classes"]["auroc"],
+        "auroc_worst_corruption": min(
+            saved[k]["auroc"] for k in ("gaussian_noise", "inverted", "constant", "scaled")
+        ),
+    }
     table = pd.read_csv("plots/detectors.csv")
     assert len(table) == 4 * len(kinds)
     assert Path("plots/roc_curves.png").exists() and Path("plots/score_histograms.png").exists()
+
+
+def test_headline_has_the_same_keys_without_a_source_task() -> None:
+    from trackflow.stages.anomaly import headline
+
+    per_kind = {k: {"auroc": v} for k, v in [("all", 0.9), ("scaled", 0.8), ("constant", 1.0)]}
+    assert headline({"knn": per_kind}, "knn") == {
+        "detector": "knn",
+        "auroc": 0.9,
+        "auroc_real": None,
+        "auroc_worst_corruption": 0.8,
+    }

@@ -138,9 +138,9 @@ def test_a_users_csv_runs_through_by_changing_params_only(repo: Path) -> None:
     assert not (repo / "data/split/source_train.parquet").exists()
     assert read_json(repo / "models/pretrain_run.json")["run_id"] is None  # nothing to pretrain
     assert read_json(repo / "models/train_run.json")["mode"] == "scratch"
-    evaluation = read_json(repo / "metrics/evaluate.json")["test"]
+    evaluation = read_json(repo / "plots/evaluate/all_metrics.json")["test"]
     assert set(evaluation["per_class"]) == {"0", "1"} and evaluation["accuracy"] > 0.8
-    assert "source_classes" not in read_json(repo / "metrics/anomaly.json")["knn"]
+    assert "source_classes" not in read_json(repo / "plots/anomaly/all_metrics.json")["knn"]
 
 
 @pytest.mark.slow

@@ -24,8 +24,9 @@ def pipeline_results(root: Path) -> dict[str, Any]:
 
     Returns:
         ``{"mlflow_run_id", "experiment_id", "metrics": {...}, "registered": {...} | None}``;
-        metrics are ``test/accuracy``, ``test/macro_f1``, ``anomaly/<detector>/auroc`` (all
-        held-out anomalies) and the register stage's gate numbers under ``register/``.
+        metrics are the numbers of the DVC metrics files: ``test/accuracy``, ``test/macro_f1``,
+        the saved detector's ``anomaly/auroc`` (all held-out anomalies), ``anomaly/auroc_real``
+        and ``anomaly/auroc_worst_corruption``, and the gate's headline under ``register/``.
     """
     run = _read(root, TRAIN_RUN) or {}
     metrics: dict[str, float] = {}
@@ -33,11 +34,7 @@ def pipeline_results(root: Path) -> dict[str, Any]:
         test = evaluation.get("test", {})
         metrics |= {f"test/{k}": test[k] for k in ("accuracy", "macro_f1") if k in test}
     if anomaly := _read(root, ANOMALY_METRICS):
-        metrics |= {
-            f"anomaly/{name}/auroc": result["all"]["auroc"]
-            for name, result in anomaly.items()
-            if isinstance(result, dict) and "auroc" in result.get("all", {})
-        }
+        metrics |= {f"anomaly/{k}": v for k, v in _flat(anomaly).items()}
     if gate := _read(root, REGISTER_METRICS):
         metrics |= {f"register/{k}": v for k, v in _flat(gate).items()}
     return {

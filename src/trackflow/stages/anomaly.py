@@ -6,8 +6,10 @@ rows at ``anomaly.target_fpr``. Held-out anomalies: the source task's classes, a
 corrupted by Gaussian noise, inverted intensities, constant rows and feature scaling (corrupted
 in raw feature space, then preprocessed like any input). Validation anomalies choose the detector
 saved to ``--detector-out``; test anomalies give AUROC, AUPRC and recall at the threshold, per
-anomaly type and overall, for every detector (``--metrics``, figures in ``--plots``, all on the
-train run).
+anomaly type and overall, for every detector: in ``all_metrics.json`` and ``detectors.csv`` in
+``--plots`` beside the figures, and on the train run. ``--metrics`` (what ``dvc metrics show``
+prints) holds the saved detector's test AUROC on all held-out anomalies, on the real ones (classes
+of the source task) and on the corruption it catches worst.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from trackflow.stages import add_params_argument, require_inputs, stage_main
 
 log = logging.getLogger(__name__)
+
+REAL = "source_classes"  # anomalies that are real rows: classes the target model never saw
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,8 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="target model (train stage)")
     parser.add_argument("--run", type=Path, required=True, help="train stage's run JSON file")
     parser.add_argument("--detector-out", type=Path, required=True, help="detector file to write")
-    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
-    parser.add_argument("--plots", type=Path, required=True, help="folder for figures and data")
+    parser.add_argument("--metrics", type=Path, required=True, help="headline metrics JSON file")
+    parser.add_argument(
+        "--plots", type=Path, required=True, help="folder for figures, data and all_metrics.json"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -60,7 +67,8 @@ def run(args: argparse.Namespace) -> None:
     with atomic_outputs(*outputs) as (detector_file, metrics_file, plots):
         plots.mkdir()
         joblib.dump(report.selected_bundle(), detector_file)
-        write_json(report.metrics, metrics_file)
+        write_json(headline(report.metrics, report.selected), metrics_file)
+        write_json(report.metrics, plots / "all_metrics.json")
         report.table().to_csv(plots / "detectors.csv", index=False)
         an.plot_histograms(report, plots / "score_histograms.png")
         an.plot_roc(report, plots / "roc_curves.png")
@@ -77,6 +85,22 @@ def run(args: argparse.Namespace) -> None:
         {n: round(m["all"]["auroc"], 4) for n, m in report.metrics.items()},
         report.selected,
     )
+
+
+def headline(metrics: dict[str, dict[str, dict[str, float]]], detector: str) -> dict[str, Any]:
+    """The saved detector's test AUROC, the same keys whatever the data.
+
+    On all held-out anomalies, on the real ones (null without a source task) and on the
+    corruption it detects worst.
+    """
+    per_kind = metrics[detector]
+    corruptions = {k: v["auroc"] for k, v in per_kind.items() if k not in (REAL, "all")}
+    return {
+        "detector": detector,
+        "auroc": per_kind["all"]["auroc"],
+        "auroc_real": per_kind[REAL]["auroc"] if REAL in per_kind else None,
+        "auroc_worst_corruption": min(corruptions.values()),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,10 +1,11 @@
 """Evaluate: held-out metrics, figures, curve diagnosis and baselines, logged to the train run.
 
 Scores the target model on the target test rows: accuracy, macro-F1, per-class precision and
-recall, log loss, one-vs-rest ROC-AUC, expected calibration error. Writes them to ``--metrics``
-(DVC metrics), the figures and their data to ``--plots``, and logs everything to the training
-candidate's MLflow run (``--run``), with the diagnosis of its loss curves as a tag. scikit-learn
-baselines fitted on the same features and split are logged beside the model's accuracy.
+recall, log loss, one-vs-rest ROC-AUC, expected calibration error. Writes the headline (test
+accuracy and macro-F1) to ``--metrics`` (what ``dvc metrics show`` prints), every number to
+``all_metrics.json`` in ``--plots`` beside the figures and their data, and logs everything to the
+training candidate's MLflow run (``--run``), with the diagnosis of its loss curves as a tag.
+scikit-learn baselines fitted on the same features and split are logged beside the model's accuracy.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from trackflow.stages import add_params_argument, require_inputs, stage_main
 
 log = logging.getLogger(__name__)
 
+HEADLINE = ("accuracy", "macro_f1")  # of the test rows, in --metrics
 HISTORY_COLUMNS = {
     "train/loss": "train_loss",
     "val/loss": "val_loss",
@@ -33,8 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="target model (train stage)")
     parser.add_argument("--run", type=Path, required=True, help="train stage's run JSON file")
     parser.add_argument("--history", type=Path, required=True, help="train stage's epoch CSV")
-    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
-    parser.add_argument("--plots", type=Path, required=True, help="folder for figures and data")
+    parser.add_argument("--metrics", type=Path, required=True, help="headline metrics JSON file")
+    parser.add_argument(
+        "--plots", type=Path, required=True, help="folder for figures, data and all_metrics.json"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -71,7 +75,8 @@ def run(args: argparse.Namespace) -> None:
     per_class = pd.DataFrame(metrics["test"]["per_class"]).T.rename_axis("class").reset_index()
     with atomic_outputs(args.metrics, args.plots) as (metrics_file, plots):
         plots.mkdir()
-        write_json(metrics, metrics_file)
+        write_json({"test": {k: metrics["test"][k] for k in HEADLINE}}, metrics_file)
+        write_json(metrics, plots / "all_metrics.json")
         ev.confusion_table(y_test, pred, classes).to_csv(plots / "confusion.csv", index=False)
         history.to_csv(plots / "history.csv", index=False)
         per_class.to_csv(plots / "per_class.csv", index=False)

@@ -8,7 +8,9 @@ rows (the target test split plus held-out anomalies), less any row either was tr
 early-stopped on, and ``champion`` moves only if the challenger passes the floors and beats it with
 statistical support. The digests of the candidate's training and validation rows (every part of
 ``--splits`` but the test parts) are logged to its run as ``gate/seen_rows.json`` for later gates.
-Writes ``--out`` (version and decision) and ``--metrics`` (the gate's numbers). The challenger is
+Writes ``--out`` (version, decision and every number of the gate under ``gate``) and
+``--metrics`` (what ``dvc metrics show`` prints: whether it was promoted, the difference on the
+primary metric and its statistical support). The challenger is
 scored before anything is registered, so a candidate that cannot score its own test rows changes
 nothing in the registry.
 """
@@ -26,6 +28,8 @@ from trackflow.stages import add_params_argument, require_inputs, stage_main
 
 log = logging.getLogger(__name__)
 
+HEADLINE = ("gate/promoted", "gate/delta", "gate/p_value", "gate/ci_low")  # in --metrics
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_params_argument(parser)
@@ -36,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, required=True, help="train stage's run JSON file")
     parser.add_argument("--lock", type=Path, default=Path("dvc.lock"), help="DVC lock file")
     parser.add_argument("--out", type=Path, required=True, help="registration JSON to write")
-    parser.add_argument("--metrics", type=Path, required=True, help="gate metrics JSON file")
+    parser.add_argument("--metrics", type=Path, required=True, help="gate headline JSON file")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -96,6 +100,8 @@ def run(args: argparse.Namespace) -> None:
         tracking, name, version, gate_set, params.promotion, params.base.seed, challenger
     )
     champion = alias_version(tracking.client, name)
+    # NaN (not computed) as null: strict JSON for DVC and others
+    numbers = {k: None if math.isnan(v) else v for k, v in decision.metrics().items()}
     with atomic_outputs(args.out, args.metrics) as (out, metrics):
         write_json(
             {
@@ -110,11 +116,11 @@ def run(args: argparse.Namespace) -> None:
                 "champion": champion,
                 "test_digest": gate_set.digest,
                 "rows": decision.rows,
+                "gate": numbers,
             },
             out,
         )
-        numbers = decision.metrics()  # NaN (not computed) as null: strict JSON for DVC and others
-        write_json({k: None if math.isnan(v) else v for k, v in numbers.items()}, metrics)
+        write_json({k: numbers[k] for k in HEADLINE}, metrics)
     log.info(
         "registered %s version %s (challenger); %s: %s",
         name,
