@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from trackflow.pipeline.driver import StageFailed, is_transient
+from trackflow.pipeline.driver import StageFailed
+from trackflow.tracking import is_transient
 
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -14,7 +15,7 @@ def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
         error = state.result(raise_on_failure=False)
     if isinstance(error, StageFailed):
         return error.transient
-    return isinstance(error, Exception) and is_transient(str(error))
+    return isinstance(error, Exception) and is_transient(error)
 
 
 def backoff(retries: int, first_delay_s: float) -> list[float] | float:

@@ -1,6 +1,6 @@
-"""The batch scoring flow: a table of new rows scored by the champion, with a drift report.
+"""The batch scoring flow: a table of new rows scored by the served version, with a drift report.
 
-    python -m flows.scoring data/new_rows.csv            # models:/<model.name>@champion
+    python -m flows.scoring data/new_rows.csv            # models:/<model.name>@<serve.alias>
     python -m flows.scoring batch.parquet --model models:/trackflow/3 --psi-threshold 0.25
 
 Loading the model and recording the MLflow run are retried on transient faults (a locked SQLite
@@ -28,6 +28,7 @@ from trackflow.errors import TrackflowError
 from trackflow.pipeline.driver import repo_tracking_config
 from trackflow.pipeline.report import render_batch_markdown
 from trackflow.registry.loading import LoadedVersion
+from trackflow.registry.uris import served_model_uri
 from trackflow.serving.batch import (
     BatchResult,
     load_model,
@@ -87,7 +88,8 @@ def batch_scoring_flow(
 
     Args:
         batch: Table of new rows with the model's raw feature columns (others pass through).
-        model_uri: Model to score with; default ``models:/<model.name>@champion``.
+        model_uri: Model to score with; default ``models:/<model.name>@<serve.alias>``, the
+            version the service serves.
         params: Params file: the model name and the MLflow store (relative paths in it are
             relative to its folder).
         psi_threshold: A feature drifted when its PSI against the training profile is above
@@ -106,7 +108,7 @@ def batch_scoring_flow(
     validated = load_params(params_path, overrides)  # bad thresholds fail before the model loads
     read_batch(path)  # a missing or unreadable file fails before the model loads
     config = repo_tracking_config(params_path.parent, validated)
-    model = load(config, model_uri or f"models:/{validated.model.name}@champion")
+    model = load(config, model_uri or served_model_uri(validated))
     result, outputs = score(path, model, validated.batch)
     run_id = record(config, result, model, path, outputs)
     drift = result.drift
@@ -134,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m flows.scoring``: score one batch and print the summary."""
     parser = argparse.ArgumentParser(prog="python -m flows.scoring", description=__doc__)
     parser.add_argument("batch", help="table of new rows (.csv or .parquet)")
-    parser.add_argument("--model", help="model URI (default: models:/<model.name>@champion)")
+    parser.add_argument("--model", help="model URI (default: models:/<model.name>@<serve.alias>)")
     parser.add_argument("--params", default="params.yaml", help="params file")
     parser.add_argument("--psi-threshold", type=float, help="default: params batch.psi_threshold")
     parser.add_argument("--drift-share", type=float, help="default: params batch.drift_share")

@@ -43,8 +43,6 @@ from trackflow.pipeline.driver import (
 from trackflow.pipeline.report import pipeline_results, render_markdown
 
 ARTIFACT_KEY = "trackflow-training"
-DEPLOYMENT_NAME = "served"  # prefect.yaml's deployment is "nightly"
-DEFAULT_CRON = "0 3 * * *"  # also in prefect.yaml
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_if_transient)
@@ -177,30 +175,6 @@ def _finish(
         description="Stages run/skipped, metrics, promotion decision, MLflow run and version",
     )
     return summary
-
-
-def serve(
-    repo: str,
-    cron: str = DEFAULT_CRON,
-    name: str = DEPLOYMENT_NAME,
-    parameters: dict[str, Any] | None = None,
-) -> None:
-    """Create the deployment ``trackflow-training/<name>`` on a cron schedule and run its runs.
-
-    Blocks until stopped (Ctrl-C pauses the schedule). Flow runs start in subprocesses that
-    import ``flows.training`` by module path, so the working folder must hold ``flows/``.
-    """
-    from prefect.types.entrypoint import EntrypointType
-
-    training_flow.serve(
-        name=name,
-        cron=cron,
-        parameters={"repo": str(Path(repo).resolve())} | (parameters or {}),
-        description="The trackflow DVC pipeline, stage by stage (flows/training.py).",
-        tags=["trackflow"],
-        limit=1,  # one run at a time: two would share the repository's params.yaml and dvc lock
-        entrypoint_type=EntrypointType.MODULE_PATH,
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

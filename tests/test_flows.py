@@ -424,8 +424,7 @@ def test_params_come_back_byte_for_byte_and_an_interrupted_run_is_noticed(tmp_pa
 def test_prefect_yaml_deploys_the_training_flow_on_the_default_schedule() -> None:
     from prefect.flows import load_flow_from_entrypoint
 
-    from flows.training import DEFAULT_CRON
-    from trackflow.commands.schedule import DEFAULT_CRON as COMMAND_CRON
+    from trackflow.pipeline.schedule import DEFAULT_CRON
 
     (deployment,) = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
     cwd = Path.cwd()
@@ -436,7 +435,7 @@ def test_prefect_yaml_deploys_the_training_flow_on_the_default_schedule() -> Non
         os.chdir(cwd)
     assert loaded.name == "trackflow-training"
     (schedule,) = deployment["schedules"]
-    assert schedule["cron"] == DEFAULT_CRON == COMMAND_CRON
+    assert schedule["cron"] == DEFAULT_CRON  # the library's, which trackflow schedule uses
     assert deployment["work_pool"]["name"] == "trackflow"
     assert deployment["concurrency_limit"] == 1
 

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trackflow import __version__
-from trackflow.stages import STAGES, add_params_argument, configure_logging, execute
+from trackflow.cli_support import add_params_argument, configure_logging, execute
+from trackflow.stages import STAGES
 
 
 def build_parser() -> argparse.ArgumentParser:

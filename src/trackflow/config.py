@@ -531,19 +531,24 @@ def validate_params(raw: Mapping[str, Any], source: str = "params") -> Params:
         raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
 
 
+def flatten(data: Mapping[str, Any], separator: str = ".") -> dict[str, Any]:
+    """Nested mappings as one flat mapping: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``.
+
+    The inverse of :func:`set_dotted` with ``"."``; metrics use ``"/"`` (``test/accuracy``), the
+    names MLflow gives them.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat |= {f"{key}{separator}{k}": v for k, v in flatten(value, separator).items()}
+        else:
+            flat[str(key)] = value
+    return flat
+
+
 def flatten_params(params: Params) -> dict[str, Any]:
     """Params as a flat mapping of dotted keys, as logged to MLflow."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, item)
-        else:
-            flat[prefix] = value
-
-    walk("", params.model_dump(mode="json"))
-    return flat
+    return flatten(params.model_dump(mode="json"))
 
 
 def params_schema() -> dict[str, Any]:

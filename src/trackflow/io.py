@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from trackflow.errors import DataError
+
 
 def read_table(path: str | Path) -> pd.DataFrame:
     """Read a table written by :func:`write_table` (its index holds the original row ids)."""
@@ -32,6 +34,16 @@ def write_json(data: Any, path: str | Path) -> None:
 def read_json(path: str | Path) -> Any:
     """Read a JSON file."""
     return json.loads(Path(path).read_text())
+
+
+def require_inputs(*paths: Path, made_by: str) -> None:
+    """Refuse to start when an input from an earlier stage is missing, naming that stage."""
+    missing = [str(path) for path in paths if not path.exists()]
+    if missing:
+        raise DataError(
+            f"missing input {', '.join(missing)}: run the {made_by} stage first "
+            f"(`dvc repro {made_by}` or `trackflow {made_by}`)"
+        )
 
 
 @contextmanager

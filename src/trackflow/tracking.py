@@ -56,9 +56,13 @@ TRANSIENT_SIGNS = (
 )
 
 
-def is_transient_error(text: str) -> bool:
-    """Whether an error text bears a sign of a passing fault (busy store, unreachable server)."""
-    lowered = text.lower()
+def is_transient(error: BaseException | str) -> bool:
+    """Whether an error (or a failed command's output) bears a sign of a passing fault.
+
+    The one test of "busy store, unreachable server: trying again may succeed" that the stages,
+    the flows' retries, the pipeline driver and the service's follower all use.
+    """
+    lowered = str(error).lower()
     return any(sign in lowered for sign in TRANSIENT_SIGNS)
 
 
@@ -106,7 +110,7 @@ def setup_tracking(config: MlflowConfig, experiment_name: str | None = None) -> 
                 experiment_name, artifact_location=_artifact_uri(config.artifact_location)
             )
     except Exception as exc:  # MLflow raises many kinds for a bad URI or an unreachable store
-        if is_transient_error(str(exc)):
+        if is_transient(exc):
             raise TrackingUnavailable(
                 f"the MLflow tracking store {uri!r} is busy or unreachable, try again: "
                 f"{type(exc).__name__}: {str(exc)[:500]}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from trackflow.stages import add_params_argument
+from trackflow.cli_support import add_params_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

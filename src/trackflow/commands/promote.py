@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trackflow.stages import add_params_argument
+from trackflow.cli_support import add_params_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,15 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
     from trackflow.errors import ConfigError
+    from trackflow.io import require_inputs
     from trackflow.registry.gate import build_gate_set
     from trackflow.registry.promotion import (
         CHALLENGER,
+        CHAMPION,
         alias_version,
         promote_if_better,
         registry_errors,
         rollback,
     )
-    from trackflow.stages import require_inputs
     from trackflow.tracking import setup_tracking
 
     if args.force and not (args.version and args.reason):
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> None:
         if args.rollback:
             why = args.reason or "manual rollback"
             entry = rollback(tracking, name, why, params.promotion.lock_timeout_s)
-            print(f"{name}@champion: version {entry.previous} -> {entry.version} (rollback)")
+            print(f"{name}@{CHAMPION}: version {entry.previous} -> {entry.version} (rollback)")
             return
         version = args.version or alias_version(tracking.client, name, CHALLENGER)
         if version is None:

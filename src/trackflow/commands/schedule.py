@@ -2,22 +2,26 @@
 
 Creates the deployment ``trackflow-training/<name>`` in the Prefect API that ``PREFECT_API_URL``
 points at (start one with ``prefect server start``) and runs its flow runs in this process until
-stopped; Ctrl-C pauses the schedule. Run it from the trackflow checkout: flow runs import
-``flows.training`` from the working folder.
+stopped; Ctrl-C pauses the schedule. Run it from the trackflow checkout: the flows are wiring above
+the library, not part of it, so this command becomes ``python -m flows.schedule`` there (same
+options), and flow runs import ``flows.training`` from the working folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-DEFAULT_CRON = "0 3 * * *"  # flows.training.DEFAULT_CRON; not imported here (Prefect is heavy)
+from trackflow.pipeline.schedule import DEFAULT_CRON, DEPLOYMENT_NAME
+
+FLOW_MODULE = "flows.schedule"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cron", default=DEFAULT_CRON, help="schedule (default: %(default)s)")
-    parser.add_argument("--name", default="served", help="deployment name (default: %(default)s)")
+    parser.add_argument(
+        "--name", default=DEPLOYMENT_NAME, help="deployment name (default: %(default)s)"
+    )
     parser.add_argument("--repo", default=".", help="DVC repository the runs use (default: .)")
     parser.add_argument("--params", default="params.yaml", help="params file, in the repo")
     parser.add_argument(
@@ -26,18 +30,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Replace this process with ``python -m flows.schedule`` and the same options."""
+    import importlib.util
+    import os
+    import sys
+
     from trackflow.errors import ConfigError
 
-    if not Path("flows", "training.py").is_file():
+    if not Path(*FLOW_MODULE.split(".")).with_suffix(".py").is_file():
         raise ConfigError(
-            f"no flows/training.py in {Path.cwd()}: run `trackflow schedule` from the trackflow "
+            f"no flows/schedule.py in {Path.cwd()}: run `trackflow schedule` from the trackflow "
             "checkout (flow runs import flows.training from the working folder)"
         )
-    sys.path.insert(0, str(Path.cwd()))
-    try:
-        from flows.training import serve
-        from trackflow.pipeline.driver import parse_overrides
-    except ImportError as exc:
-        raise ConfigError(f"{exc}: install the flows extra (pip install -e '.[flows]')") from None
-    parameters = {"params": args.params, "overrides": parse_overrides(args.set)}
-    serve(args.repo, cron=args.cron, name=args.name, parameters=parameters)
+    if importlib.util.find_spec("prefect") is None:
+        raise ConfigError("prefect is not installed: pip install -e '.[flows]' (the flows extra)")
+    options = ["--cron", args.cron, "--name", args.name, "--repo", args.repo]
+    options += ["--params", args.params, "--set", *args.set]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The same process (exec, not a child): Ctrl-C and a supervisor's SIGTERM reach Prefect.
+    os.execv(sys.executable, [sys.executable, "-m", FLOW_MODULE, *options])

@@ -13,13 +13,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trackflow.stages import add_params_argument
+from trackflow.cli_support import add_params_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("batch", type=Path, help="table of new rows (.csv or .parquet)")
     add_params_argument(parser)
-    parser.add_argument("--model", help="model URI (default: models:/<params model.name>@champion)")
+    parser.add_argument(
+        "--model",
+        help="model URI (default: models:/<params model.name>@<serve.alias>, the served version)",
+    )
     parser.add_argument(
         "--psi-threshold", type=float, help="a feature drifted above this PSI (params: batch.)"
     )
@@ -31,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
+    from trackflow.registry.uris import served_model_uri
     from trackflow.serving.batch import (
         load_model,
         log_batch_run,
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> None:
     params = load_params(args.params, overrides)  # a bad option fails like a bad param
     frame = read_batch(args.batch)  # a bad file fails before the model loads
     tracking = setup_tracking(params.base.mlflow)
-    model = load_model(tracking, args.model or f"models:/{params.model.name}@champion")
+    model = load_model(tracking, args.model or served_model_uri(params))
     result = score_batch(frame, model, params.batch)
     outputs = write_batch_outputs(result, args.batch)
     counts, drift = result.counts, result.drift

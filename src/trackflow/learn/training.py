@@ -390,9 +390,13 @@ def build_trainer(
 
 
 def transfer_callbacks(
-    mode: str, unfreeze_at_epoch: int, backbone_lr_ratio: float
+    mode: str, unfreeze_at_epoch: int | None, backbone_lr_ratio: float
 ) -> list[pl.Callback]:
-    """The callback implementing a transfer mode (none for training from scratch)."""
+    """The callback implementing a transfer mode (none for training from scratch).
+
+    ``unfreeze_at_epoch`` is ignored by feature extraction (the backbone never unfreezes); the
+    train stage gets mode, epoch and ratio from :func:`trackflow.learn.transfer.transfer_plan`.
+    """
     if mode == "feature_extraction":
         return [BackboneFreezing(None, backbone_lr_ratio)]
     if mode == "finetune":

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.model_summary import ModelSummary
 from torch import nn
 
 from trackflow.config import OptimizationConfig, Params, flatten_params
-from trackflow.io import atomic_outputs, read_json, write_json
+from trackflow.io import atomic_outputs, read_json, require_inputs, write_json
 from trackflow.learn.networks import build_backbone, build_head, init_weights, save_network
 from trackflow.learn.training import (
     ClassifierLitModule,
@@ -31,7 +31,6 @@ from trackflow.learn.training import (
     summary_metrics,
 )
 from trackflow.registry.lineage import log_datasets, params_hash, run_tags
-from trackflow.stages import require_inputs
 from trackflow.tracking import (
     TAG_PREFIX,
     log_metrics,

@@ -28,7 +28,7 @@ import yaml
 from trackflow.config import MlflowConfig, Params, set_dotted
 from trackflow.errors import ConfigError, TrackflowError, TrackingUnavailable
 from trackflow.registry.lineage import FLOW_RUN_ENV
-from trackflow.tracking import is_transient_error as is_transient
+from trackflow.tracking import is_transient
 
 PARAMS_FILE = "params.yaml"  # what dvc.yaml's stages read and DVC tracks
 

@@ -6,17 +6,34 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Outputs named in dvc.yaml that the report reads (a missing one is simply not reported).
-TRAIN_RUN = "models/train_run.json"
-EVALUATE_METRICS = "metrics/evaluate.json"
-ANOMALY_METRICS = "metrics/anomaly.json"
-REGISTERED = "models/registered.json"
-REGISTER_METRICS = "metrics/register.json"
+import yaml
+
+from trackflow.config import flatten
+
+#: The outputs the report reads, found in ``dvc.yaml`` (the one place their paths are written)
+#: as (stage, ``outs`` or ``metrics``, how the file's name ends). One that is not declared, or not
+#: there yet, is simply not reported.
+TRAIN_RUN = ("train", "outs", "_run.json")
+EVALUATE_METRICS = ("evaluate", "metrics", ".json")
+ANOMALY_METRICS = ("anomaly", "metrics", ".json")
+REGISTERED = ("register", "outs", ".json")
+REGISTER_METRICS = ("register", "metrics", ".json")
 
 
-def _read(root: Path, name: str) -> dict[str, Any] | None:
-    path = root / name
-    return json.loads(path.read_text()) if path.exists() else None
+def declared_output(root: Path, stage: str, section: str, ending: str) -> Path | None:
+    """The first file of ``stage``'s ``section`` in ``root/dvc.yaml`` whose name ends so."""
+    dvc_yaml = root / "dvc.yaml"
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") if dvc_yaml.exists() else {}
+    for entry in ((stages or {}).get(stage) or {}).get(section) or []:
+        path = str(next(iter(entry)) if isinstance(entry, dict) else entry)  # {path: {cache: ..}}
+        if path.endswith(ending):
+            return root / path
+    return None
+
+
+def _read(root: Path, output: tuple[str, str, str]) -> dict[str, Any] | None:
+    path = declared_output(root, *output)
+    return json.loads(path.read_text()) if path is not None and path.exists() else None
 
 
 def pipeline_results(root: Path) -> dict[str, Any]:
@@ -45,14 +62,10 @@ def pipeline_results(root: Path) -> dict[str, Any]:
     }
 
 
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    flat: dict[str, float] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat |= _flat(value, f"{prefix}{key}/")
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            flat[f"{prefix}{key}"] = value
-    return flat
+def _flat(data: dict[str, Any]) -> dict[str, float]:
+    """The numbers of nested metrics as ``a/b`` keys (flags, texts and nulls left out)."""
+    flat = flatten(data, "/")
+    return {k: v for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def render_markdown(summary: dict[str, Any]) -> str:

@@ -397,11 +397,11 @@ def promote_if_better(
             decision = Decision(False, f"version {version} is already the champion", {})
             log.info("%s", decision.reason)
             return decision
-        challenger = challenger or load_contender(tracking, name, version, "challenger")
+        challenger = challenger or load_contender(tracking, name, version, CHALLENGER)
         champion: Contender | str | None = None
         if current is not None and not force:
             try:
-                champion = load_contender(tracking, name, current, "champion")
+                champion = load_contender(tracking, name, current, CHAMPION)
             except (
                 PromotionError
             ) as exc:  # a broken champion blocks, but is no fault of the version
@@ -551,7 +551,7 @@ def rollback(tracking: Tracking, name: str, reason: str, timeout_s: float) -> Le
         current = alias_version(client, name)
         if not stack or stack[-1] != current:
             raise PromotionError(
-                f"{name}@champion is version {current} but the ledger says "
+                f"{name}@{CHAMPION} is version {current} but the ledger says "
                 f"{stack[-1] if stack else 'none'}: the alias was moved outside trackflow; move "
                 "it back first"
             )
@@ -570,7 +570,7 @@ def rollback(tracking: Tracking, name: str, reason: str, timeout_s: float) -> Le
             run_id=run_id,
             reason=reason,
         )
-    log.info("%s@champion rolled back from version %s to %s", name, current, target)
+    log.info("%s@%s rolled back from version %s to %s", name, CHAMPION, current, target)
     return entry
 
 

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
+    from trackflow.config import Params
+
 #: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: a registered model's alias or version.
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -21,6 +23,11 @@ MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ver
 def model_uri(name: str, alias: str | None = None, version: str | int | None = None) -> str:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (one of alias and version)."""
     return f"models:/{name}@{alias}" if alias is not None else f"models:/{name}/{version}"
+
+
+def served_model_uri(params: Params) -> str:
+    """``models:/<model.name>@<serve.alias>``: the served version, batch scoring's default too."""
+    return model_uri(params.model.name, alias=params.serve.alias)
 
 
 def registered_version(tracking: Tracking, uri: str) -> ModelVersion | None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from trackflow.data.inputs import InputError
 from trackflow.serving.model import RefusedVersion, ServedModel, load_version, utc_now
-from trackflow.tracking import is_transient_error
+from trackflow.tracking import is_transient
 
 if TYPE_CHECKING:
     from trackflow.tracking import Tracking
@@ -131,12 +131,12 @@ class ModelFollower:
 def is_transient_failure(exc: Exception) -> bool:
     """Whether loading a version failed on a passing fault rather than through its own fault.
 
-    Transient: the error's text bears a sign of a busy or unreachable store
-    (:func:`~trackflow.tracking.is_transient_error`). A :class:`RefusedVersion` or an
-    :class:`~trackflow.data.inputs.InputError` (its smoke test) never is; anything else (it does not
-    unpickle or import, its prediction fails) is the version's own fault too.
+    Transient: :func:`~trackflow.tracking.is_transient` (a sign of a busy or unreachable store),
+    except that a :class:`RefusedVersion` or an :class:`~trackflow.data.inputs.InputError` (its
+    smoke test) never is, whatever its text; anything else (it does not unpickle or import, its
+    prediction fails) is the version's own fault.
     """
-    return not isinstance(exc, RefusedVersion | InputError) and is_transient_error(str(exc))
+    return not isinstance(exc, RefusedVersion | InputError) and is_transient(exc)
 
 
 def _message(exc: BaseException) -> str:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from trackflow.stages import add_params_argument, stage_main
+from trackflow.cli_support import add_params_argument, stage_main
 
 log = logging.getLogger(__name__)
 

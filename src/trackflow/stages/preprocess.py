@@ -15,7 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from trackflow.stages import add_params_argument, require_inputs, stage_main
+from trackflow.cli_support import add_params_argument, stage_main
+from trackflow.io import require_inputs
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trackflow.stages import add_params_argument, stage_main
+from trackflow.cli_support import add_params_argument, stage_main
 
 if TYPE_CHECKING:
     from trackflow.learn.training_run import TrainingRun
@@ -78,12 +78,15 @@ def run(args: argparse.Namespace) -> None:
 
 def _warn_of_stale_alias(training: TrainingRun, name: str, version: str) -> None:
     """Say so when ``@champion`` is set: earlier trackflow moved it on every pretrain run."""
-    chosen = training.tracking.client.get_registered_model(name).aliases.get("champion")
+    from trackflow.registry.promotion import CHAMPION, alias_version
+
+    chosen = alias_version(training.tracking.client, name, CHAMPION)
     if chosen is not None:
         log.warning(
-            "%s@champion is version %s, set by hand or by an earlier trackflow; pretrain no longer "
+            "%s@%s is version %s, set by hand or by an earlier trackflow; pretrain no longer "
             "moves it: this workspace's backbone is models:/%s/%s",
             name,
+            CHAMPION,
             chosen,
             name,
             version,

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from trackflow.config import flatten
 from trackflow.io import read_table
 from trackflow.tracking import TAG_PREFIX, Tracking, log_metrics, set_tags
 
@@ -20,18 +21,6 @@ def labelled_arrays(path: Path, meta: dict[str, Any]) -> tuple[np.ndarray, np.nd
     return table.drop(columns=label).to_numpy(dtype=np.float32), y.to_numpy(dtype=np.int64)
 
 
-def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Nested metrics as ``a/b/c`` keys, the names they get in MLflow."""
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat |= flatten_metrics(value, f"{name}/")
-        else:
-            flat[name] = float(value)
-    return flat
-
-
 def log_to_run(
     tracking: Tracking,
     run_id: str,
@@ -40,7 +29,7 @@ def log_to_run(
     folder: Path,
     artifact_path: str,
 ) -> None:
-    """Append metrics, tags and a folder of artifacts to an existing run."""
-    log_metrics(tracking, run_id, flatten_metrics(metrics))
+    """Append metrics (nested ones as ``a/b/c`` keys), tags and a folder of artifacts to a run."""
+    log_metrics(tracking, run_id, flatten(metrics, "/"))
     set_tags(tracking, run_id, {TAG_PREFIX + k: v for k, v in tags.items()})
     tracking.client.log_artifacts(run_id, str(folder), artifact_path)

@@ -18,12 +18,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trackflow.stages import add_params_argument, require_inputs, stage_main
+from trackflow.cli_support import add_params_argument, stage_main
+from trackflow.io import require_inputs
 
 if TYPE_CHECKING:
     from torch import nn
 
     from trackflow.learn.training_run import TrainingRun
+    from trackflow.learn.transfer import TransferPlan
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +44,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
     from trackflow.errors import ConfigError
-    from trackflow.learn.training import transfer_callbacks
     from trackflow.learn.training_run import TrainingRun
+    from trackflow.learn.transfer import transfer_plan
 
     params = load_params(args.params)
-    config = params.train
-    if config.mode != "scratch" and config.backbone == "pretrained":
+    plan = transfer_plan(params.train)
+    if plan.needs_pretrain_output:
         require_inputs(args.backbone, made_by="pretrain")
     if args.resume is not None and not args.resume.is_file():
         raise ConfigError(f"--resume {args.resume}: no such checkpoint file")
-    with TrainingRun(params, config, "target", args.data, "train", config.mode) as training:
-        backbone, origin = _backbone(training, args.backbone)
-        ratio = 1.0 if config.mode == "scratch" else config.backbone_lr_ratio
-        callbacks = transfer_callbacks(config.mode, config.unfreeze_at_epoch, ratio)
-        tags = {"mode": config.mode, **origin}
-        training.fit(backbone, ratio, callbacks, tags, resume_from=args.resume)
+    with TrainingRun(params, params.train, "target", args.data, "train", plan.mode) as training:
+        backbone, origin = _backbone(training, plan, args.backbone)
+        tags = {"mode": plan.mode, **origin}
+        training.fit(
+            backbone, plan.backbone_lr_ratio, plan.callbacks(), tags, resume_from=args.resume
+        )
         if not training.is_writer:
             return
         network = training.log_network(args.model_out.name, with_head=True)
@@ -66,29 +68,30 @@ def run(args: argparse.Namespace) -> None:
             args.metrics,
             args.run_out,
             args.history,
-            mode=config.mode,
+            mode=plan.mode,
             **origin,
         )
 
 
-def _backbone(training: TrainingRun, pretrained: Path) -> tuple[nn.Module, dict[str, str]]:
+def _backbone(
+    training: TrainingRun, plan: TransferPlan, pretrained: Path
+) -> tuple[nn.Module, dict[str, str]]:
     """The backbone to adapt and tags saying where it came from."""
     from trackflow.learn.networks import load_backbone, load_network
     from trackflow.registry.uris import resolve
 
-    config = training.params.train
-    if config.mode == "scratch" or config.backbone is None:
+    if plan.backbone is None:
         return training.new_backbone(), {"backbone_source": "none (trained from scratch)"}
     training.data.setup()
-    if config.backbone == "pretrained":
+    if plan.needs_pretrain_output:
         saved = load_network(pretrained)
         origin = {"backbone_source": str(pretrained), "backbone_run_id": str(saved.get("run_id"))}
     else:
         with tempfile.TemporaryDirectory() as folder:
-            resolved = resolve(training.tracking, config.backbone, folder)
-            saved = load_network(_network_file(resolved.path, config.backbone))
+            resolved = resolve(training.tracking, plan.backbone, folder)
+            saved = load_network(_network_file(resolved.path, plan.backbone))
         origin = {
-            "backbone_source": config.backbone,
+            "backbone_source": plan.backbone,
             "backbone_run_id": str(resolved.run_id),
             "backbone_version": str(resolved.version),
         }
