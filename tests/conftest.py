@@ -1,22 +1,58 @@
-"""Shared fixtures: every test runs in its own folder with its own MLflow store."""
+"""Shared fixtures: every test runs in its own folder with its own MLflow store.
+
+Plain helpers (paths, argv builders, the REST service's client) are in ``tests/helpers.py``.
+"""
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from trackflow.config import set_dotted
-from trackflow.stages.ingest import main as ingest
-from trackflow.stages.preprocess import main as preprocess
-from trackflow.stages.split import main as split
+from tests.helpers import (
+    FAST_TRAINING,
+    OPEN_MODEL,
+    POLL_S,
+    REPO_ROOT,  # noqa: F401  (still imported from here by test_config; use tests.helpers)
+    TOKEN,
+    Candidate,
+    Registry,
+    Server,
+    broken_copy,
+    candidate_store_uri,
+    imputing_preprocessor,
+    make_toy_repo,
+    packaged_model,
+    run_data_stages,
+    running_server,
+    train_argv,
+    write_project_params,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# Fixtures that start a server (or Prefect's API): a test using one is slow and must say so.
+SERVER_FIXTURES = {
+    "prefect_api": "Prefect's test server",
+    "open_server": "a trackflow serve process",
+    "guarded_server": "a trackflow serve process",
+    "prefect_server": "a prefect server process",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse a test that starts a server through a fixture without the ``slow`` marker."""
+    unmarked = [
+        f"{item.nodeid} (uses {name}: {SERVER_FIXTURES[name]})"
+        for item in items
+        if item.get_closest_marker("slow") is None
+        for name in sorted(SERVER_FIXTURES.keys() & set(getattr(item, "fixturenames", ())))
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests that start a server must be marked @pytest.mark.slow:\n  "
+            + "\n  ".join(unmarked)
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -37,89 +73,22 @@ def write_params(tmp_path: Path) -> Callable[..., Path]:
     """Write the repository's ``params.yaml`` with dotted overrides applied; return its path."""
 
     def write(overrides: dict[str, Any] | None = None, name: str = "params.yaml") -> Path:
-        raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-        for key, value in (overrides or {}).items():
-            set_dotted(raw, key, value)
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        return path
+        return write_project_params(tmp_path / name, overrides)
 
     return write
 
 
-def copy_project(destination: Path) -> None:
-    """Copy what a pipeline run needs (code, dvc.yaml, params, DVC config) into ``destination``."""
-    for name in ("src", "data/raw", ".dvc/config", "dvc.yaml", "params.yaml", ".gitignore"):
-        source = REPO_ROOT / name
-        target = destination / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, target)
+@pytest.fixture
+def fast_params(write_params: Callable[..., Path]) -> Callable[..., Path]:
+    """``write_params`` with the fast training settings (``FAST_TRAINING``) under the overrides.
 
+    For every test that trains through a stage: the wiring, not the accuracy.
+    """
 
-def train_argv(params: Path, data: Path, backbone: str = "backbone.pt") -> list[str]:
-    """Arguments of the train stage: model.pt, train.json, train_run.json, train_history.csv."""
-    return [
-        "--params",
-        str(params),
-        "--data",
-        str(data),
-        "--backbone",
-        backbone,
-        "--model-out",
-        "model.pt",
-        "--metrics",
-        "train.json",
-        "--run-out",
-        "train_run.json",
-        "--history",
-        "train_history.csv",
-    ]
+    def write(overrides: dict[str, Any] | None = None, name: str = "params.yaml") -> Path:
+        return write_params({**FAST_TRAINING, **(overrides or {})}, name)
 
-
-def pretrain_argv(params: Path, data: Path) -> list[str]:
-    """Arguments of the pretrain stage, writing backbone.pt, pretrain.json, pretrain_run.json."""
-    return [
-        "--params",
-        str(params),
-        "--data",
-        str(data),
-        "--backbone-out",
-        "backbone.pt",
-        "--metrics",
-        "pretrain.json",
-        "--run-out",
-        "pretrain_run.json",
-    ]
-
-
-def run_data_stages(params: Path) -> int:
-    """ingest -> split -> preprocess into the working directory; the first non-zero exit code."""
-    steps = (
-        (ingest, ["--out", "ingested"]),
-        (split, ["--dataset", "ingested/dataset.parquet", "--out", "split"]),
-        (
-            preprocess,
-            [
-                "--splits",
-                "split",
-                "--out",
-                "processed",
-                "--preprocessor",
-                "models/preprocessor.joblib",
-                "--metrics",
-                "metrics/preprocess.json",
-                "--plots",
-                "plots",
-            ],
-        ),
-    )
-    for stage, argv in steps:
-        if code := stage(["--params", str(params), *argv]):
-            return code
-    return 0
+    return write
 
 
 @pytest.fixture(scope="session")
@@ -129,35 +98,12 @@ def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Returns the ``processed`` folder; ``split`` and ``models/preprocessor.joblib`` sit beside it.
     """
     folder = tmp_path_factory.mktemp("data")
-    params = folder / "params.yaml"
-    text = (REPO_ROOT / "params.yaml").read_text()
-    params.write_text(text.replace("n_components: 0.95", "n_components: 16"))
+    params = write_project_params(folder / "params.yaml", {"preprocess.pca.n_components": 16})
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder}/mlflow.db")
         patch.chdir(folder)
         assert run_data_stages(params) == 0
     return folder / "processed"
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A trained target model with its detector, as the train and anomaly stages leave them."""
-
-    folder: Path
-    processed: Path
-
-    @property
-    def files(self) -> dict[str, Path]:
-        """The pipeline's paths to this candidate's inputs and outputs, by register-stage flag."""
-        data = self.processed.parent
-        return {
-            "splits": data / "split",
-            "data": self.processed,
-            "preprocessor": data / "models/preprocessor.joblib",
-            "model": self.folder / "model.pt",
-            "detector": self.folder / "detector.joblib",
-            "run": self.folder / "train_run.json",
-        }
 
 
 @pytest.fixture(scope="session")
@@ -181,15 +127,10 @@ def candidates(processed: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
             folder = root / name
             folder.mkdir()
             patch.chdir(folder)
-            raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-            for key, value in {
-                **overrides,
-                "train.mode": "scratch",
-                "anomaly.detectors": ["knn"],
-            }.items():
-                set_dotted(raw, key, value)
-            params = folder / "params.yaml"
-            params.write_text(yaml.safe_dump(raw))
+            params = write_project_params(
+                folder / "params.yaml",
+                {**overrides, "train.mode": "scratch", "anomaly.detectors": ["knn"]},
+            )
             assert train(train_argv(params, processed, "none.pt")) == 0
             data = processed.parent
             argv = ["--params", str(params), "--splits", str(data / "split")]
@@ -199,11 +140,6 @@ def candidates(processed: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
             assert anomaly([*argv, "--plots", "plots"]) == 0
             found[name] = Candidate(folder, processed)
     return found
-
-
-def candidate_store_uri(root: Path) -> str:
-    """The MLflow store the session's candidates were trained in."""
-    return f"sqlite:///{root}/mlflow.db"
 
 
 @pytest.fixture
@@ -218,17 +154,85 @@ def candidate_store(
     return "m-" + "".join(c if c.isalnum() else "-" for c in request.node.name)[:60]
 
 
-def imputing_twin(scorer: Any, rows: Any) -> Any:
-    """A Scorer like ``scorer`` whose preprocessor, fitted on ``rows``, imputes missing values."""
-    from trackflow.config import PreprocessConfig
-    from trackflow.data.preprocessing import fit_preprocessor
-    from trackflow.registry.packaging import Scorer
+@pytest.fixture
+def toy_repo(tmp_path: Path) -> Path:
+    """A four-stage DVC pipeline (``helpers.TOY_STAGES``) that reads the project's params.yaml."""
+    return make_toy_repo(tmp_path / "toy")
 
-    config = PreprocessConfig(pca={"n_components": scorer.preprocessor[-1].n_components_})
-    return Scorer(
-        preprocessor=fit_preprocessor(rows, config, impute=True, seed=0),
-        network=scorer.network,
-        detector=scorer.detector,
-        columns=scorer.columns,
-        classes=scorer.classes,
-    )
+
+# --- the REST service: packaged models and two servers, shared by the test_serving_* modules -----
+
+
+@pytest.fixture(scope="session")
+def registry(
+    candidates: dict[str, Candidate], tmp_path_factory: pytest.TempPathFactory
+) -> Registry:
+    """The good and weak candidates as packaged models, the good one with an imputer in front,
+    and two broken copies of the good one.
+
+    ``imputing``: the good candidate whose preprocessor imputes missing values. ``unloadable``:
+    its network file is not a network, so it fails to load. ``failing``: it loads, but its
+    detector is the weak candidate's (fitted on a 4-wide embedding, not the good network's 64),
+    so every prediction fails.
+    """
+    import joblib
+
+    from trackflow.config import load_params
+    from trackflow.io import read_table
+    from trackflow.tracking import setup_tracking
+
+    uri = candidate_store_uri(next(iter(candidates.values())).folder.parent)
+    good = candidates["good"]
+    rows = read_table(good.files["splits"] / "target_test.parquet").drop(columns="target")
+    folder = tmp_path_factory.mktemp("broken")
+    weak_detector = joblib.load(candidates["weak"].files["detector"])
+    corruptions = {
+        "unloadable": lambda artifacts: (artifacts / "model.pt").write_bytes(b"not a network"),
+        "failing": lambda artifacts: joblib.dump(weak_detector, artifacts / "detector.joblib"),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        tracking = setup_tracking(load_params(good.folder / "params.yaml").base.mlflow)
+        sources = {
+            kind: packaged_model(tracking, candidates[kind], rows) for kind in ("good", "weak")
+        }
+        imputing = imputing_preprocessor(good, folder)
+        sources["imputing"] = packaged_model(tracking, good, rows, imputing)
+        for kind, corrupt in corruptions.items():
+            sources[kind] = broken_copy(sources["good"], folder / kind, corrupt)
+    return Registry(tracking, uri, rows, sources)
+
+
+@pytest.fixture(scope="session")
+def open_server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """No token, an access log; ``serving-open`` version 1 (good, with lineage tags) is champion.
+
+    Its alias never moves. Started once for the session (each start imports torch and MLflow).
+    """
+    (version,) = registry.register(OPEN_MODEL, "good")
+    client = registry.tracking.client
+    client.set_model_version_tag(OPEN_MODEL, version, "trackflow.gate.decision", "promoted")
+    client.set_model_version_tag(OPEN_MODEL, version, "reviewer", "not lineage")
+    registry.promote(OPEN_MODEL, version)
+    folder = tmp_path_factory.mktemp("open")
+    with running_server(registry, OPEN_MODEL, folder, None, 30.0, "--access-log") as server:
+        server.wait_for(server.is_ready, 120, "ready")
+        yield server
+
+
+@pytest.fixture(scope="session")
+def guarded_server(
+    registry: Registry, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """Token required; versions 1 good (champion), 2 weak, 3 unloadable, 4 failing, 5 imputing.
+
+    Its tests move the alias (to good, imputing and broken versions) and put it back.
+    """
+    name = "serving-guarded"
+    versions = registry.register(name, "good", "weak", "unloadable", "failing", "imputing")
+    assert versions == ["1", "2", "3", "4", "5"]
+    registry.promote(name, "1")
+    folder = tmp_path_factory.mktemp("guarded")
+    with running_server(registry, name, folder, token=TOKEN, poll_s=POLL_S) as server:
+        server.wait_for(server.is_ready, 120, "ready")
+        yield server

@@ -9,13 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import Candidate
+from tests.helpers import Candidate, imputing_twin, raw_rows, register_champion
 from trackflow.cli import main as cli
-from trackflow.config import load_params
 from trackflow.data.inputs import InputError
 from trackflow.errors import ConfigError
 from trackflow.io import read_json, read_table
-from trackflow.registry.packaging import log_packaged_model
 from trackflow.serving.batch import (
     load_model,
     output_paths,
@@ -23,31 +21,7 @@ from trackflow.serving.batch import (
     score_batch,
     write_batch_outputs,
 )
-from trackflow.tracking import Tracking, setup_tracking
-
-
-def raw_rows(candidate: Candidate, part: str) -> pd.DataFrame:
-    """The candidate's raw target rows of a split part, with their ``target`` label."""
-    return read_table(candidate.files["splits"] / f"target_{part}.parquet")
-
-
-def register_champion(candidate: Candidate, name: str) -> tuple[Tracking, str]:
-    """Log the candidate as a packaged model, register it as ``name`` and make it champion."""
-    tracking = setup_tracking(load_params(candidate.folder / "params.yaml").base.mlflow)
-    files = candidate.files
-    run_id = read_json(files["run"])["run_id"]
-    features = raw_rows(candidate, "train").drop(columns="target")
-    info = log_packaged_model(
-        tracking, run_id, files["preprocessor"], files["model"], files["detector"],
-        features.head(5), features,
-    )  # fmt: skip
-    client = tracking.client
-    client.create_registered_model(name)
-    version = client.create_model_version(
-        name, source=info.model_uri, run_id=run_id, model_id=info.model_id
-    ).version
-    client.set_registered_model_alias(name, "champion", version)
-    return tracking, str(version)
+from trackflow.tracking import Tracking
 
 
 @pytest.fixture
@@ -237,8 +211,6 @@ def test_a_model_that_does_not_exist_is_a_config_error(champion) -> None:
 
 
 def test_a_model_that_imputes_scores_a_batch_with_missing_values(champion, candidates) -> None:
-    from tests.conftest import imputing_twin
-
     tracking, name, _ = champion
     model = load_model(tracking, f"models:/{name}@champion")
     base = model.scorer

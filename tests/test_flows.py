@@ -1,7 +1,9 @@
 """The Prefect flows over real DVC repositories, under Prefect's test harness.
 
-Fast tests drive a toy pipeline (four small stages that read the project's params.yaml and write to
-a real MLflow store) through the real flow; the slow ones run the project's own pipeline.
+Most flow tests drive a toy pipeline (``toy_repo``: four small stages that read the project's
+params.yaml and write to a real MLflow store) through the real flow; two run the project's own
+pipeline. Every test that runs a flow needs Prefect's API (``prefect_api``, a server started once
+for the session), so it is marked slow; the driver's own functions are tested without it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ import pytest
 import yaml
 
 from flows.common import retry_if_transient
-from tests.conftest import REPO_ROOT, copy_project
+from tests.helpers import (
+    FAST_TRAINING,
+    REPO_ROOT,
+    copy_project,
+    dvc,
+    raw_rows,
+    register_champion,
+    write_project_params,
+)
 from trackflow.config import load_params
 from trackflow.errors import ConfigError, TrackflowError
 from trackflow.io import read_json
@@ -38,64 +48,6 @@ from trackflow.pipeline.driver import (
 )
 from trackflow.tracking import setup_tracking
 
-TOY_STAGES = """
-stages:
-  report:          # listed first, runs last: the order comes from the dependencies
-    cmd: python toy.py report
-    deps: [toy.py, metrics/evaluate.json]
-    outs: [report.txt]
-  evaluate:
-    cmd: python toy.py evaluate
-    deps: [toy.py, models/train_run.json]
-    params: [evaluate.calibration_bins]
-    metrics: [metrics/evaluate.json]
-  train:
-    cmd: python toy.py train
-    deps: [toy.py, data.txt]
-    params: [train.mode]
-    outs: [models/train_run.json]
-  prepare:
-    cmd: python toy.py prepare
-    deps: [toy.py]
-    outs: [data.txt]
-"""
-
-TOY_SCRIPT = """
-import json, os, sys
-from pathlib import Path
-
-import yaml
-
-step = sys.argv[1]
-raw = yaml.safe_load(Path("params.yaml").read_text())
-if step == "prepare":
-    Path("data.txt").write_text("rows")
-elif step == "train":  # an MLflow run, like the real train stage
-    from trackflow.config import load_params
-    from trackflow.registry.lineage import run_tags
-    from trackflow.tracking import setup_tracking
-
-    params = load_params("params.yaml")  # tagged as the real stages are: flow run id included
-    tracking = setup_tracking(params.base.mlflow)
-    run = tracking.client.create_run(tracking.experiment_id, "train", tags=run_tags(params))
-    run_id = run.info.run_id
-    tracking.client.log_param(run_id, "train.mode", params.train.mode)
-    tracking.client.set_terminated(run_id)
-    Path("models").mkdir(exist_ok=True)
-    flow_run = os.environ.get("TRACKFLOW_FLOW_RUN_ID")
-    run = {"run_id": run_id, "experiment_id": tracking.experiment_id, "flow_run_id": flow_run}
-    Path("models/train_run.json").write_text(json.dumps(run))
-elif step == "evaluate":
-    if raw["evaluate"]["calibration_bins"] == 3:
-        sys.exit(print("error: three bins cannot hold these rows", file=sys.stderr) or 3)
-    Path("metrics").mkdir(exist_ok=True)
-    Path("metrics/evaluate.json").write_text(json.dumps({"test": {"accuracy": 0.9}}))
-else:
-    Path("report.txt").write_text(Path("metrics/evaluate.json").read_text())
-"""
-
-FAST = {"pretrain.max_epochs": 2, "train.max_epochs": 2}  # the pipeline's wiring, not accuracy
-
 
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[str]:
@@ -107,24 +59,6 @@ def prefect_api() -> Iterator[str]:
 
     with prefect_test_harness(server_startup_timeout=None):
         yield str(PREFECT_API_URL.value())
-
-
-def dvc(*args: str, cwd: Path) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, check=True
-    )
-    return result.stdout
-
-
-@pytest.fixture
-def toy_repo(tmp_path: Path) -> Path:
-    repo = tmp_path / "toy"
-    repo.mkdir()
-    dvc("init", "--no-scm", "-q", cwd=repo)
-    (repo / "dvc.yaml").write_text(TOY_STAGES)
-    (repo / "toy.py").write_text(TOY_SCRIPT)
-    (repo / "params.yaml").write_bytes((REPO_ROOT / "params.yaml").read_bytes())
-    return repo
 
 
 def tracking_of(repo: Path):
@@ -154,6 +88,7 @@ def statuses(summary: dict) -> dict[str, str]:
     return {stage["stage"]: stage["status"] for stage in summary["stages"]}
 
 
+@pytest.mark.slow
 def test_stages_run_in_dvc_order_then_skip_and_an_override_reruns_what_it_touches(
     prefect_api: str, toy_repo: Path
 ) -> None:
@@ -196,6 +131,7 @@ def test_stages_run_in_dvc_order_then_skip_and_an_override_reruns_what_it_touche
     assert not (toy_repo / ".dvc/tmp/trackflow-params.yaml.orig").exists()
 
 
+@pytest.mark.slow
 def test_bad_overrides_and_stages_fail_before_any_stage_runs(
     prefect_api: str, toy_repo: Path
 ) -> None:
@@ -227,6 +163,7 @@ class ReleaseOnRetry(logging.Handler):
             self.released.set()
 
 
+@pytest.mark.slow
 def test_a_locked_tracking_store_is_retried_with_backoff(prefect_api: str, toy_repo: Path) -> None:
     from flows.training import training_flow
 
@@ -246,6 +183,7 @@ def test_a_locked_tracking_store_is_retried_with_backoff(prefect_api: str, toy_r
     assert "| train | ran |" in artifact_of(summary["flow_run_id"])
 
 
+@pytest.mark.slow
 def test_a_deterministic_failure_is_not_retried_and_fails_the_candidate_run(
     prefect_api: str, toy_repo: Path
 ) -> None:
@@ -348,6 +286,7 @@ Path("params.yaml").write_text("train: [")
 """
 
 
+@pytest.mark.slow
 def test_a_failure_other_than_a_stage_s_still_publishes_the_report(
     prefect_api: str, toy_repo: Path
 ) -> None:
@@ -443,6 +382,7 @@ def test_prefect_yaml_deploys_the_training_flow_on_the_default_schedule() -> Non
 # --- Batch scoring -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_batch_scoring_flow_scores_publishes_and_refuses_a_bad_batch(
     prefect_api: str, candidates, candidate_store: str, write_params, tmp_path: Path
 ) -> None:
@@ -450,7 +390,6 @@ def test_the_batch_scoring_flow_scores_publishes_and_refuses_a_bad_batch(
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.scoring import batch_scoring_flow
-    from tests.test_batch import raw_rows, register_champion
     from trackflow.data.inputs import InputError
 
     tracking, version = register_champion(candidates["good"], candidate_store)
@@ -478,6 +417,7 @@ def test_the_batch_scoring_flow_scores_publishes_and_refuses_a_bad_batch(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("bad")) == ["bad.csv"]
 
 
+@pytest.mark.slow
 def test_the_batch_scoring_flow_refuses_a_bad_threshold_before_loading_the_model(
     prefect_api: str, write_params, tmp_path: Path
 ) -> None:
@@ -501,11 +441,7 @@ def project(tmp_path: Path) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     dvc("init", "-q", cwd=repo)
     copy_project(repo)
-    raw = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in FAST.items():
-        section, name = key.split(".")
-        raw[section][name] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_project_params(repo / "params.yaml", FAST_TRAINING)
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(["git", "commit", "-qm", "project"], cwd=repo, check=True)
     return repo

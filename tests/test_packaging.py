@@ -6,7 +6,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.helpers import candidate_store_uri, free_port, imputing_twin
 from trackflow.data.inputs import InputError, check_rows
 from trackflow.io import read_json
 from trackflow.registry.packaging import Scorer
@@ -28,7 +28,6 @@ ROWS = 6
 @pytest.fixture(scope="module")
 def champion(candidates, tmp_path_factory) -> dict:
     """The ``good`` candidate logged, registered and aliased champion in the candidates' store."""
-    from tests.conftest import candidate_store_uri
     from trackflow.config import MlflowConfig
     from trackflow.registry.packaging import log_packaged_model
     from trackflow.registry.promotion import register_candidate
@@ -221,12 +220,6 @@ def test_the_pyfunc_refuses_bad_tables_with_the_same_message(champion, monkeypat
     assert set(model.unwrap_python_model().profile["features"]) == set(rows.columns)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def post(url: str, body: dict | str, media_type: str = "application/json") -> tuple[int, dict]:
     data = (body if isinstance(body, str) else json.dumps(body)).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": media_type})
@@ -304,8 +297,6 @@ def test_mlflow_models_serve_answers_invocations(champion, tmp_path) -> None:
 
 
 def test_a_model_that_imputes_scores_missing_values_and_still_refuses_infinities(champion) -> None:
-    from tests.conftest import imputing_twin
-
     base = champion["scorer"]
     rows = champion["rows"].copy()
     rows.iloc[::7, 3] = np.nan

@@ -11,16 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import copy_project
+from tests.helpers import FAST_TRAINING, copy_project
 from trackflow.config import set_dotted
 from trackflow.io import read_json
 
 STAGES = ("ingest", "split", "preprocess", "pretrain", "train", "evaluate", "anomaly", "register")
-FAST = {  # the pipeline's wiring, not its accuracy
-    "pretrain.max_epochs": 2,
-    "train.max_epochs": 2,
-    "promotion.min_accuracy": 0.5,
-}
+FAST = {**FAST_TRAINING, "promotion.min_accuracy": 0.5}  # the pipeline's wiring, not accuracy
 OUTPUTS = (
     "data/ingested/dataset.parquet",
     "data/split/target_train.parquet",

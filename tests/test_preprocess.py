@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from sklearn.decomposition import PCA
 
-from tests.conftest import run_data_stages
+from tests.helpers import run_data_stages
 from trackflow.config import DataConfig, PreprocessConfig, SplitConfig
 from trackflow.data.ingest import load_bundled, to_canonical
 from trackflow.data.preprocessing import (

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from tests.conftest import pretrain_argv
+from tests.helpers import pretrain_argv
 from trackflow.io import read_json
 from trackflow.stages.pretrain import main as pretrain
 
-QUICK = {"pretrain.max_epochs": 2, "model.widths": [16]}
+NARROW = {"model.widths": [16]}
 
 
 def test_pretrain_registers_versions_without_moving_an_alias(
-    processed, write_params, caplog
+    processed, fast_params, caplog
 ) -> None:
     """Experiments and run-cache restores cannot leave an alias on a backbone of other features."""
     client = MlflowClient()
-    assert pretrain(pretrain_argv(write_params(QUICK), processed)) == 0
+    assert pretrain(pretrain_argv(fast_params(NARROW), processed)) == 0
     first = read_json("pretrain_run.json")
     assert first["model_uri"] == "models:/trackflow-backbone/1" and "alias" not in first
     assert client.get_registered_model("trackflow-backbone").aliases == {}
@@ -29,7 +29,7 @@ def test_pretrain_registers_versions_without_moving_an_alias(
     )
 
     # another experiment (other params) is a new version; still no alias moves
-    assert pretrain(pretrain_argv(write_params(QUICK | {"pretrain.lr": 0.01}), processed)) == 0
+    assert pretrain(pretrain_argv(fast_params(NARROW | {"pretrain.lr": 0.01}), processed)) == 0
     assert read_json("pretrain_run.json")["model_uri"] == "models:/trackflow-backbone/2"
     assert client.get_registered_model("trackflow-backbone").aliases == {}
     second = client.get_model_version("trackflow-backbone", "2").tags
@@ -37,7 +37,7 @@ def test_pretrain_registers_versions_without_moving_an_alias(
 
     # an alias a person (or an earlier trackflow) set is left alone, and named in a warning
     client.set_registered_model_alias("trackflow-backbone", "champion", "1")
-    assert pretrain(pretrain_argv(write_params(QUICK), processed)) == 0
+    assert pretrain(pretrain_argv(fast_params(NARROW), processed)) == 0
     assert client.get_registered_model("trackflow-backbone").aliases == {"champion": 1}
     assert (
         "pretrain no longer moves it: this workspace's backbone is models:/trackflow-backbone/3"

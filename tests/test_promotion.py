@@ -14,7 +14,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import Candidate
+from tests.helpers import Candidate
 from trackflow.io import read_json
 from trackflow.registry.promotion import CHALLENGER, CHAMPION, champion_stack, ledger
 from trackflow.stages.register import HEADLINE

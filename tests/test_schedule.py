@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,18 +20,11 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
-from tests.test_flows import toy_repo  # noqa: F401  (fixture: a four-stage DVC pipeline)
+from tests.helpers import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.slow
 
 WAIT_S = 240  # the first scheduled run is due within seconds; the toy pipeline takes ~20 s
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
@@ -132,7 +124,7 @@ def completed_scheduled_runs(api_url: str, deployment_name: str) -> tuple[list, 
 
 def test_the_server_s_scheduler_creates_runs_of_the_deployment_and_a_worker_completes_one(
     prefect_server: tuple[str, Path],
-    toy_repo: Path,  # noqa: F811
+    toy_repo: Path,
     tmp_path: Path,
 ) -> None:
     api_url, home = prefect_server

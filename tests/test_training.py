@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from tests.conftest import pretrain_argv, train_argv
+from tests.helpers import FAST_TRAINING, pretrain_argv, train_argv
 from trackflow.config import ModelConfig, OptimizationConfig, ScheduleConfig, load_params
 from trackflow.io import read_json
 from trackflow.learn.networks import build_backbone, build_head, count_parameters, load_classifier
@@ -28,7 +28,8 @@ from trackflow.stages.pretrain import main as pretrain
 from trackflow.stages.train import main as train
 
 LABEL = "target"
-QUICK = {"pretrain.max_epochs": 3, "train.max_epochs": 3, "model.widths": [32, 16]}
+NARROW = {"model.widths": [32, 16]}  # with the fast training settings (``fast_params``)
+EPOCHS = FAST_TRAINING["train.max_epochs"]
 
 
 def data_module(processed: Path, task: str = "target") -> FeatureDataModule:
@@ -194,11 +195,11 @@ def run_stage(stage, params: Path, processed: Path) -> int:
     return stage(argv(params, processed))
 
 
-def test_train_stage_records_one_complete_mlflow_run(processed, write_params) -> None:
+def test_train_stage_records_one_complete_mlflow_run(processed, fast_params) -> None:
     from mlflow import MlflowClient
 
     commit = commit_a_checkout()
-    params = write_params(QUICK)
+    params = fast_params(NARROW)
     assert run_stage(pretrain, params, processed) == 0
     assert run_stage(train, params, processed) == 0
     run_id = read_json("train_run.json")["run_id"]
@@ -223,15 +224,16 @@ def test_train_stage_records_one_complete_mlflow_run(processed, write_params) ->
     assert tags["mlflow.source.git.commit"] == commit == tags["trackflow.git_commit"]
     metrics = read_json("train.json")
     assert tags["mlflow.note.content"] == (
-        f"**train**: finetune, 3 epochs, best val loss {metrics['train/best_val_loss']:.4f}, "
+        f"**train**: finetune, {EPOCHS} epochs, "
+        f"best val loss {metrics['train/best_val_loss']:.4f}, "
         f"val acc {metrics['train/best_val_acc']:.4f}."
     )
     assert run.data.tags["trackflow.backbone_run_id"] == read_json("pretrain_run.json")["run_id"]
     assert len(run.data.tags["trackflow.data_digest"]) == 16
     history = client.get_metric_history(run_id, "val/loss")
-    assert [m.step for m in history] == [0, 1, 2]
+    assert [m.step for m in history] == list(range(EPOCHS))
     for key in ("train/loss", "val/acc", "lr/head", "lr/backbone", "params/trainable"):
-        assert len(client.get_metric_history(run_id, key)) == 3, key
+        assert len(client.get_metric_history(run_id, key)) == EPOCHS, key
     artifacts = {
         a.path
         for folder in ("", "checkpoints", "train")
@@ -239,7 +241,7 @@ def test_train_stage_records_one_complete_mlflow_run(processed, write_params) ->
     }
     assert {"model_summary.txt", "checkpoints/best.ckpt", "train/model.pt"} <= artifacts
     metrics = read_json("train.json")
-    assert metrics["train/epochs"] == 3 and 0 < metrics["train/best_val_acc"] <= 1
+    assert metrics["train/epochs"] == EPOCHS and 0 < metrics["train/best_val_acc"] <= 1
     _, meta = load_classifier("model.pt")
     assert meta["classes"] == [5, 6, 7, 8, 9] and meta["run_id"] == run_id
 
@@ -253,18 +255,19 @@ def commit_a_checkout() -> str:
     ).stdout.strip()
 
 
-def test_every_transfer_mode_logs_the_same_metric_keys(processed, write_params) -> None:
+def test_every_transfer_mode_logs_the_same_metric_keys(processed, fast_params) -> None:
     from mlflow import MlflowClient
 
-    assert run_stage(pretrain, write_params(QUICK), processed) == 0
+    assert run_stage(pretrain, fast_params(NARROW), processed) == 0
     runs = {}
     for mode in ("finetune", "feature_extraction", "scratch"):
-        assert run_stage(train, write_params(QUICK | {"train.mode": mode}), processed) == 0
+        assert run_stage(train, fast_params(NARROW | {"train.mode": mode}), processed) == 0
         runs[mode] = MlflowClient().get_run(read_json("train_run.json")["run_id"])
     keys = {mode: set(run.data.metrics) for mode, run in runs.items()}
     assert keys["finetune"] == keys["feature_extraction"] == keys["scratch"], keys
     frozen = runs["feature_extraction"].info.run_id
-    assert [m.value for m in MlflowClient().get_metric_history(frozen, "lr/backbone")] == [0] * 3
+    backbone_lr = MlflowClient().get_metric_history(frozen, "lr/backbone")
+    assert [m.value for m in backbone_lr] == [0] * EPOCHS
     names = [run.info.run_name for run in runs.values()]
     assert [name.rsplit("-", 1)[0] for name in names] == [
         "train-finetune",
@@ -282,8 +285,8 @@ def test_a_run_is_named_after_the_dvc_experiment_it_belongs_to(monkeypatch) -> N
     assert run_label("train", "scratch", "3f2a1c") == "train-scratch-lucid-sole"
 
 
-def test_same_params_same_data_same_metrics(processed, write_params) -> None:
-    params = write_params(QUICK | {"train.mode": "scratch"})
+def test_same_params_same_data_same_metrics(processed, fast_params) -> None:
+    params = fast_params(NARROW | {"train.mode": "scratch"})
     assert run_stage(train, params, processed) == 0
     first = read_json("train.json")
     assert run_stage(train, params, processed) == 0
@@ -291,10 +294,10 @@ def test_same_params_same_data_same_metrics(processed, write_params) -> None:
 
 
 @pytest.mark.parametrize("uri", ["models:/trackflow-backbone@chosen", "runs:/{run_id}/pretrain"])
-def test_backbone_from_the_registry_or_a_run(processed, write_params, uri) -> None:
+def test_backbone_from_the_registry_or_a_run(processed, fast_params, uri) -> None:
     from mlflow import MlflowClient
 
-    assert run_stage(pretrain, write_params(QUICK), processed) == 0
+    assert run_stage(pretrain, fast_params(NARROW), processed) == 0
     pretrain_run = read_json("pretrain_run.json")
     assert (
         pretrain_run["version"] == "1" and pretrain_run["registered_model"] == "trackflow-backbone"
@@ -303,7 +306,7 @@ def test_backbone_from_the_registry_or_a_run(processed, write_params, uri) -> No
     MlflowClient().set_registered_model_alias("trackflow-backbone", "chosen", "1")
     Path("backbone.pt").unlink()  # the registry alone must be enough
     uri = uri.format(run_id=pretrain_run["run_id"])
-    assert run_stage(train, write_params(QUICK | {"train.backbone": uri}), processed) == 0
+    assert run_stage(train, fast_params(NARROW | {"train.backbone": uri}), processed) == 0
     tags = MlflowClient().get_run(read_json("train_run.json")["run_id"]).data.tags
     assert tags["trackflow.backbone_source"] == uri
     assert tags["trackflow.backbone_run_id"] == pretrain_run["run_id"]
@@ -314,8 +317,8 @@ def test_backbone_from_the_registry_or_a_run(processed, write_params, uri) -> No
     assert pretrained["in_features"] == 16
 
 
-def test_backbone_of_another_width_is_a_clear_error(processed, write_params, capsys) -> None:
-    assert run_stage(pretrain, write_params(QUICK), processed) == 0
+def test_backbone_of_another_width_is_a_clear_error(processed, fast_params, capsys) -> None:
+    assert run_stage(pretrain, fast_params(NARROW), processed) == 0
     other = Path("narrow")
     for part in processed.glob("*"):
         other.mkdir(exist_ok=True)
@@ -324,24 +327,24 @@ def test_backbone_of_another_width_is_a_clear_error(processed, write_params, cap
             table.drop(columns=["pca15"]).to_parquet(other / part.name)
         else:
             (other / part.name).write_bytes(part.read_bytes())
-    assert run_stage(train, write_params(QUICK), other) == 2
+    assert run_stage(train, fast_params(NARROW), other) == 2
     err = capsys.readouterr().err
     assert "takes 16 features but the preprocessed data has 15" in err
     assert not Path("model.pt").exists()
 
 
-def test_unknown_registry_model_is_a_clear_error(processed, write_params, capsys) -> None:
-    params = write_params(QUICK | {"train.backbone": "models:/nope@champion"})
+def test_unknown_registry_model_is_a_clear_error(processed, fast_params, capsys) -> None:
+    params = fast_params(NARROW | {"train.backbone": "models:/nope@champion"})
     assert run_stage(train, params, processed) == 2
     assert "'models:/nope@champion' cannot be resolved" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_makes_one_run(processed, write_params, tmp_path) -> None:
+def test_ddp_on_two_cpu_processes_makes_one_run(processed, fast_params, tmp_path) -> None:
     from mlflow import MlflowClient
 
     trainer = {"strategy": "ddp", "devices": 2, "accelerator": "cpu", "num_nodes": 1}
-    params = write_params(QUICK | {"train.mode": "scratch", "train.trainer": trainer})
+    params = fast_params(NARROW | {"train.mode": "scratch", "train.trainer": trainer})
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
         [sys.executable, "-m", "trackflow.stages.train", *train_argv(params, processed, "none.pt")],
@@ -357,7 +360,8 @@ def test_ddp_on_two_cpu_processes_makes_one_run(processed, write_params, tmp_pat
     runs = client.search_runs([client.get_experiment_by_name("trackflow").experiment_id])
     assert [r.info.run_name.rsplit("-", 1)[0] for r in runs] == ["train-scratch"]
     assert runs[0].info.run_id == read_json(tmp_path / "train_run.json")["run_id"]
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/loss")] == [0, 1, 2]
+    history = client.get_metric_history(runs[0].info.run_id, "val/loss")
+    assert [m.step for m in history] == list(range(EPOCHS))
     assert set(read_json(tmp_path / "train.json")) == {
         "train/best_val_loss",
         "train/best_val_acc",
@@ -401,15 +405,15 @@ def test_a_last_batch_of_one_row_is_dropped_for_batch_norm(processed, tmp_path) 
     fit(lit_module(data), data, tmp_path, epochs=1)
 
 
-def test_train_stage_needs_the_pretrained_backbone(processed, write_params, capsys) -> None:
+def test_train_stage_needs_the_pretrained_backbone(processed, fast_params, capsys) -> None:
     from mlflow import MlflowClient
 
-    assert train(train_argv(write_params(QUICK), processed, "missing.pt")) == 3
+    assert train(train_argv(fast_params(NARROW), processed, "missing.pt")) == 3
     assert "run the pretrain stage first" in capsys.readouterr().err
     experiment = MlflowClient().get_experiment_by_name("trackflow")
     assert experiment is None or not MlflowClient().search_runs([experiment.experiment_id])
 
 
-def test_training_stages_need_the_preprocessed_data(write_params, capsys) -> None:
-    assert pretrain(pretrain_argv(write_params(QUICK), Path("nowhere"))) == 3
+def test_training_stages_need_the_preprocessed_data(fast_params, capsys) -> None:
+    assert pretrain(pretrain_argv(fast_params(NARROW), Path("nowhere"))) == 3
     assert "run the preprocess stage first" in capsys.readouterr().err
