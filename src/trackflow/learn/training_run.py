@@ -44,6 +44,8 @@ from trackflow.tracking import (
 
 log = logging.getLogger(__name__)
 
+DVC_METRICS = ("best_val_acc", "best_val_loss", "epochs")  # of the metrics file, unprefixed
+
 
 class TrainingRun:
     """Context manager: data of one task, an MLflow run, fitting, and the stage's outputs.
@@ -215,12 +217,18 @@ class TrainingRun:
         history_out: Path | None = None,
         **meta: Any,
     ) -> None:
-        """Write the network, metrics, run file (run id for later stages) and epoch history."""
+        """Write the network, metrics, run file (run id for later stages) and epoch history.
+
+        The metrics file (DVC's) holds the headline without the stage prefix, so the pretrain and
+        train rows of ``dvc metrics show`` share columns; MLflow has every number.
+        """
+        prefix = f"{self.name}/"
+        headline = {k: self.metrics[prefix + k] for k in DVC_METRICS}
         run_info = {"run_id": self.run_id, "experiment_id": self.tracking.experiment_id} | meta
         outputs = (network_out, metrics_out, run_out, *([history_out] if history_out else []))
         with atomic_outputs(*outputs) as (network_tmp, metrics_tmp, run_tmp, *history_tmp):
             shutil.copyfile(network, network_tmp)
-            write_json(self.metrics, metrics_tmp)
+            write_json(headline, metrics_tmp)
             write_json(run_info, run_tmp)
             if history_tmp:
                 self.report.history().to_csv(history_tmp[0], index=False)
