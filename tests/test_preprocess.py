@@ -117,8 +117,10 @@ def test_stage_writes_outputs_and_tracks_them_in_mlflow(write_params, tmp_path) 
     from mlflow import MlflowClient
 
     assert run_data_stages(write_params({"preprocess.pca.n_components": 20})) == 0
-    metrics = read_json(tmp_path / "metrics/preprocess.json")
+    metrics = read_json(tmp_path / "plots/all_metrics.json")  # every number
     assert metrics["n_components"] == 20 and metrics["n_features_in"] == 64
+    headline = {k: metrics[k] for k in ("explained_variance", "n_components")}
+    assert read_json(tmp_path / "metrics/preprocess.json") == headline
     assert 0 < metrics["explained_variance"] < 1
     processed = read_table(tmp_path / "processed/target_test.parquet")
     assert processed.shape[1] == 21
@@ -141,7 +143,11 @@ def test_stage_writes_outputs_and_tracks_them_in_mlflow(write_params, tmp_path) 
         metrics["explained_variance"]
     )
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "preprocess")}
-    assert artifacts == {"preprocess/explained_variance.csv", "preprocess/scree.png"}
+    assert artifacts == {
+        "preprocess/all_metrics.json",
+        "preprocess/explained_variance.csv",
+        "preprocess/scree.png",
+    }
 
 
 @pytest.mark.parametrize("scaler", ["standard", "minmax", "none"])
@@ -151,7 +157,7 @@ def test_stage_runs_with_every_scaler_and_pca_setting(write_params, scaler, n_co
         {"preprocess.scaler": scaler, "preprocess.pca.n_components": n_components}
     )
     assert run_data_stages(params) == 0
-    metrics = read_json("metrics/preprocess.json")
+    metrics = read_json("plots/all_metrics.json")
     assert metrics["n_components"] == {5: 5, None: 64}.get(n_components, metrics["n_components"])
     assert metrics["n_fit_rows"] == len(read_table("split/source_train.parquet")) + len(
         read_table("split/target_train.parquet")
@@ -187,7 +193,7 @@ def test_imputed_values_are_counted_in_the_metrics(write_params, tmp_path) -> No
     table.to_csv(tmp_path / "iris.csv", index=False)
     params = table_params(write_params, tmp_path / "iris.csv", {"data.non_finite": "impute"})
     assert run_data_stages(params) == 0
-    assert read_json(tmp_path / "metrics/preprocess.json")["imputed_values"] == 3
+    assert read_json(tmp_path / "plots/all_metrics.json")["imputed_values"] == 3
     processed = pd.concat(read_table(p) for p in (tmp_path / "processed").glob("*.parquet"))
     assert not processed.isna().any().any()
 

@@ -1,8 +1,10 @@
 """Preprocess: fit scaling + PCA on training rows, transform every split, record the spectrum.
 
 Writes the transformed parts and ``meta.json`` (dataset digest, raw feature columns) to ``<out>/``,
-the fitted pipeline to ``--preprocessor`` (joblib), the ``explained_variance`` metrics to
-``--metrics`` and the spectrum (``explained_variance.csv``, ``scree.png``) to ``--plots``; logs
+the fitted pipeline to ``--preprocessor`` (joblib), the explained variance and the number of
+components to ``--metrics`` (what ``dvc metrics show`` prints), and every number
+(``all_metrics.json``: also the input width, rows fitted on, values imputed) and the spectrum
+(``explained_variance.csv``, ``scree.png``) to ``--plots``; logs
 params, metrics and plots to an MLflow run tagged with the data digest. Outputs appear all
 together or not at all, and a failure marks the run FAILED.
 """
@@ -19,6 +21,8 @@ from trackflow.cli_support import add_params_argument, stage_main
 from trackflow.io import require_inputs
 
 log = logging.getLogger(__name__)
+
+HEADLINE = ("explained_variance", "n_components")  # in --metrics
 
 LOGGED_SECTIONS = ("base.", "data.", "split.", "preprocess.")
 
@@ -78,7 +82,8 @@ def run(args: argparse.Namespace) -> None:
             out / "meta.json",
         )
         joblib.dump(result.preprocessor, model)
-        write_json(metrics, metrics_file)
+        write_json({k: metrics[k] for k in HEADLINE}, metrics_file)
+        write_json(metrics, plots / "all_metrics.json")
         result.spectrum.to_csv(plots / "explained_variance.csv", index=False)
         plot_spectrum(result.spectrum, metrics["n_components"], plots / "scree.png")
         flat = flatten_params(params)
