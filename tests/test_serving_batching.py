@@ -48,7 +48,7 @@ def test_a_batch_that_fails_is_scored_request_by_request(
         calls = [batcher.score(served, values) for values in requests_]
         return await asyncio.gather(*calls, return_exceptions=True)
 
-    with caplog.at_level(logging.WARNING, logger="trackflow.serving.app"):
+    with caplog.at_level(logging.WARNING, logger="trackflow.serving.batching"):
         answers = asyncio.run(score_together())
 
     assert "a batch of 5 requests failed; scoring them one by one" in caplog.text

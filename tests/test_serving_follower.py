@@ -139,14 +139,14 @@ def test_a_version_that_meets_a_locked_store_is_loaded_at_the_next_poll_not_refu
     copied.promote("serving-locked", version)
     follower = ModelFollower(tracking, "serving-locked", "champion", poll_interval_s=1.0)
     lock = LockWhileLoading(store)
-    caplog.set_level(logging.INFO, logger="trackflow.serving.app")
-    logging.getLogger("trackflow.serving.app").addHandler(lock)
+    caplog.set_level(logging.INFO, logger="trackflow.serving.follower")
+    logging.getLogger("trackflow.serving.follower").addHandler(lock)
     try:
         follower.check()  # reads the alias, then meets the lock while loading
         during = follower.describe()
         follower.check()  # the next poll
     finally:
-        logging.getLogger("trackflow.serving.app").removeHandler(lock)
+        logging.getLogger("trackflow.serving.follower").removeHandler(lock)
         lock.connection.close()
     after = follower.describe()
 
