@@ -171,6 +171,7 @@ def error_line(output: str) -> str:
     return error
 
 
+@pytest.mark.slow
 def test_a_refused_stage_says_dvc_deleted_its_outputs_and_how_to_restore_them(repo: Path) -> None:
     valid = (repo / "params.yaml").read_text()
     edit_params(repo, {"data.source": "data/raw/absent.csv"})

@@ -127,6 +127,7 @@ def test_a_significantly_better_model_is_promoted_and_rollback_restores_the_old_
     ) == len(entries)
 
 
+@pytest.mark.slow  # four CLI processes, each importing MLflow: ~30 s
 def test_history_and_lineage_commands(candidates, candidate_store, gate) -> None:
     result = gate(candidates["good"])
     cli = [sys.executable, "-m", "trackflow.cli"]
@@ -184,6 +185,7 @@ def test_a_candidate_that_does_not_fit_its_data_changes_nothing(
     assert not Path("registered.json").exists()
 
 
+@pytest.mark.slow  # two CLI processes promoting at once: ~40 s
 def test_two_promotions_racing_leave_one_champion_and_a_consistent_ledger(
     candidates, candidate_store, write_params
 ) -> None:
