@@ -15,8 +15,6 @@ from pathlib import Path
 
 from trackflow.errors import TrackflowError
 
-log = logging.getLogger("trackflow")
-
 
 def add_params_argument(parser: argparse.ArgumentParser) -> None:
     """The ``--params`` option every stage takes."""
