@@ -15,7 +15,6 @@ from tests.helpers import (
     FAST_TRAINING,
     OPEN_MODEL,
     POLL_S,
-    REPO_ROOT,  # noqa: F401  (still imported from here by test_config; use tests.helpers)
     TOKEN,
     Candidate,
     Registry,
@@ -89,6 +88,19 @@ def fast_params(write_params: Callable[..., Path]) -> Callable[..., Path]:
         return write_params({**FAST_TRAINING, **(overrides or {})}, name)
 
     return write
+
+
+@pytest.fixture
+def trained_model(processed: Path, fast_params: Callable[..., Path]) -> Path:
+    """A small network trained from scratch by the train stage in the working folder.
+
+    Leaves ``model.pt``, ``train_run.json`` and ``train_history.csv`` there; returns the params.
+    """
+    from trackflow.stages.train import main as train
+
+    params = fast_params({"train.mode": "scratch", "model.widths": [32]})
+    assert train(train_argv(params, processed, "none.pt")) == 0
+    return params
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from tests.test_evaluation import trained_model
 from trackflow.config import AnomalyConfig
 from trackflow.io import read_json
 from trackflow.learn.anomaly import (
@@ -123,10 +122,11 @@ def test_corruptions_keep_shape_and_change_rows() -> None:
     )
 
 
-def test_anomaly_stage_writes_one_table_and_the_selected_detector(processed, write_params) -> None:
+@pytest.mark.slow
+def test_anomaly_stage_writes_one_table_and_the_selected_detector(processed, trained_model) -> None:
     from mlflow import MlflowClient
 
-    params = trained_model(processed, write_params)
+    params = trained_model
     data = processed.parent
     code = anomaly(
         [

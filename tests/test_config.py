@@ -7,7 +7,7 @@ import pydantic
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 from trackflow.cli import main as cli
 from trackflow.config import Params, flatten_params, load_params, validate_params
 from trackflow.errors import ConfigError

@@ -8,12 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import train_argv
+from tests.helpers import FAST_TRAINING
 from trackflow.config import DiagnosisConfig, load_params
 from trackflow.io import read_json
 from trackflow.learn.evaluation import classification_metrics, diagnose, expected_calibration_error
 from trackflow.stages.evaluate import main as evaluate
-from trackflow.stages.train import main as train
 from trackflow.tracking import set_tags, setup_tracking
 
 RULES = DiagnosisConfig(flat_tolerance=0.1, rise_tolerance=0.1)
@@ -58,19 +57,13 @@ def test_metrics_on_a_known_example() -> None:
     assert metrics["roc_auc_ovr"] == pytest.approx(0.75)
 
 
-def trained_model(processed: Path, write_params) -> Path:
-    params = write_params({"train.mode": "scratch", "train.max_epochs": 4, "model.widths": [32]})
-    code = train(train_argv(params, processed, "none.pt"))
-    assert code == 0
-    return params
-
-
+@pytest.mark.slow
 def test_evaluate_stage_writes_metrics_plots_and_appends_to_the_train_run(
-    processed, write_params
+    processed, trained_model
 ) -> None:
     from mlflow import MlflowClient
 
-    params = trained_model(processed, write_params)
+    params = trained_model
     argv = ["--params", str(params), "--data", str(processed), "--model", "model.pt"]
     argv += ["--run", "train_run.json", "--history", "train_history.csv"]
     argv += ["--metrics", "evaluate.json", "--plots", "plots"]
@@ -111,13 +104,14 @@ def test_evaluate_stage_writes_metrics_plots_and_appends_to_the_train_run(
     history = pd.read_csv("train_history.csv")
     expected = diagnose(history["train/loss"], history["val/loss"], DiagnosisConfig())
     assert run.data.tags["trackflow.diagnosis"] == expected.state
-    assert list(history["epoch"]) == [1, 2, 3, 4]
+    epochs = FAST_TRAINING["train.max_epochs"]
+    assert list(history["epoch"]) == list(range(1, epochs + 1))
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "evaluate")}
     assert "evaluate/curves.png" in artifacts
     # The run's description: the train stage's headline numbers, then the test accuracy.
     note = run.data.tags["mlflow.note.content"]
     train_part, evaluate_part = note.split("\n\n")
-    assert train_part.startswith("**train**: scratch, 4 epochs, best val loss ")
+    assert train_part.startswith(f"**train**: scratch, {epochs} epochs, best val loss ")
     assert evaluate_part.startswith(
         f"**evaluate**: test acc {metrics['test']['accuracy']:.4f}, macro-F1 "
     )
