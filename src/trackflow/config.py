@@ -242,6 +242,33 @@ class TrainerConfig(_Section):
     num_nodes: PositiveInt = 1
 
 
+class AugmentConfig(_Section):
+    """Random changes to training rows, drawn anew for every batch; validation and test rows never.
+
+    ``shift``, ``rotate`` and ``scale`` move image-shaped rows (PCA off); ``noise`` and ``mixup``
+    apply to any rows. All zero: no augmentation.
+    """
+
+    shift: NonNegativeInt = Field(0, description="Largest shift of an image, in pixels each way.")
+    rotate: float = Field(0.0, ge=0, le=180, description="Largest rotation of an image, degrees.")
+    scale: float = Field(
+        0.0, ge=0, lt=1, description="Largest zoom of an image in or out (0.1: 10%)."
+    )
+    noise: float = Field(
+        0.0,
+        ge=0,
+        description="Gaussian noise added to the scaled features: its standard deviation.",
+    )
+    mixup: float = Field(
+        0.0, ge=0, description="Mixup: alpha of the Beta(alpha, alpha) mixing weight; 0 = off."
+    )
+
+    @property
+    def geometric(self) -> bool:
+        """Whether rows are moved as images (shift, rotation or zoom)."""
+        return bool(self.shift or self.rotate or self.scale)
+
+
 class OptimizationConfig(_Section):
     """How a model is fitted; shared by the pretrain and train sections.
 
@@ -262,6 +289,7 @@ class OptimizationConfig(_Section):
         None, gt=0, description="Clip gradient norm; null = off."
     )
     deterministic: bool = Field(True, description="Same params + same data => same metrics.")
+    augment: AugmentConfig = AugmentConfig()
     trainer: TrainerConfig = TrainerConfig()
 
 
@@ -270,6 +298,20 @@ class PretrainConfig(OptimizationConfig):
 
     lr: float = Field(1e-3, gt=0, description="Learning rate of backbone and head.")
     max_epochs: PositiveInt = 20
+
+
+class EnsembleConfig(_Section):
+    """Several networks trained for the target task and packaged as one model that votes."""
+
+    size: PositiveInt = Field(
+        1,
+        description="Networks trained, with seeds base.seed, base.seed + 1, ...; 1 = one network.",
+    )
+    vote: Literal["soft", "hard"] = Field(
+        "soft",
+        description="soft: the mean of the members' probabilities; hard: the members' majority "
+        "label (probabilities = the share of votes).",
+    )
 
 
 class TrainConfig(OptimizationConfig):
@@ -290,6 +332,7 @@ class TrainConfig(OptimizationConfig):
     unfreeze_at_epoch: NonNegativeInt = Field(
         0, description="finetune: epoch at which the backbone starts training (frozen before)."
     )
+    ensemble: EnsembleConfig = EnsembleConfig()
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

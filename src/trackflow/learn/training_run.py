@@ -57,6 +57,9 @@ class TrainingRun:
         data_dir: Folder written by the preprocess stage.
         name: Stage name, used as metric prefix and first part of the run's name.
         mode: The transfer mode, if any, second part of the run's name.
+        parent_run_id: Nest the run under this one (a sweep's trial, an ensemble's member).
+        run_name: The run's name, instead of the default below.
+        tags: More tags of the run.
 
     The run is named ``<name>[-<mode>]-<DVC experiment name or params digest>``
     (``train-finetune-3f2a1c``), so runs can be told apart in MLflow's runs table and charts.
@@ -70,9 +73,16 @@ class TrainingRun:
         data_dir: Path,
         name: str,
         mode: str | None = None,
+        parent_run_id: str | None = None,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
     ) -> None:
         require_inputs(data_dir / "meta.json", made_by="preprocess")
         self.params, self.config, self.name, self.mode = params, config, name, mode
+        self.parent_run_id = parent_run_id
+        self.extra_tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+        self.extra_tags |= tags or {}
+        self._run_name = run_name
         self.data_dir = data_dir
         self.data = FeatureDataModule(
             data_dir, task, params.data.label_column, config.batch_size, params.base.seed
@@ -92,7 +102,7 @@ class TrainingRun:
                 TAG_PREFIX + "data_digest": meta["dataset_digest"],
                 TAG_PREFIX + "preprocess_run_id": str(meta.get("run_id")),
             } | run_tags(self.params)
-            tags = source_tags(f"trackflow.stages.{self.name}") | tags
+            tags = source_tags(f"trackflow.stages.{self.name}") | tags | self.extra_tags
             run = self.tracking.client.create_run(
                 self.tracking.experiment_id, run_name=self.run_name, tags=tags
             )
@@ -108,6 +118,8 @@ class TrainingRun:
     @property
     def run_name(self) -> str:
         """The MLflow run's name: stage, mode, DVC experiment name or params digest."""
+        if self._run_name:
+            return self._run_name
         return run_label(self.name, self.mode, params_hash(self.params)[:6])
 
     def __exit__(

@@ -13,19 +13,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from trackflow.cli_support import add_params_argument, stage_main
 from trackflow.io import require_inputs
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from trackflow.learn.training_run import TrainingRun
-    from trackflow.learn.transfer import TransferPlan
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +37,7 @@ def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
     from trackflow.errors import ConfigError
     from trackflow.learn.training_run import TrainingRun
-    from trackflow.learn.transfer import transfer_plan
+    from trackflow.learn.transfer import train_candidate, transfer_plan
 
     params = load_params(args.params)
     plan = transfer_plan(params.train)
@@ -54,11 +46,7 @@ def run(args: argparse.Namespace) -> None:
     if args.resume is not None and not args.resume.is_file():
         raise ConfigError(f"--resume {args.resume}: no such checkpoint file")
     with TrainingRun(params, params.train, "target", args.data, "train", plan.mode) as training:
-        backbone, origin = _backbone(training, plan, args.backbone)
-        tags = {"mode": plan.mode, **origin}
-        training.fit(
-            backbone, plan.backbone_lr_ratio, plan.callbacks(), tags, resume_from=args.resume
-        )
+        origin = train_candidate(training, plan, args.backbone, resume_from=args.resume)
         if not training.is_writer:
             return
         network = training.log_network(args.model_out.name, with_head=True)
@@ -71,42 +59,6 @@ def run(args: argparse.Namespace) -> None:
             mode=plan.mode,
             **origin,
         )
-
-
-def _backbone(
-    training: TrainingRun, plan: TransferPlan, pretrained: Path
-) -> tuple[nn.Module, dict[str, str]]:
-    """The backbone to adapt and tags saying where it came from."""
-    from trackflow.learn.networks import load_backbone, load_network
-    from trackflow.registry.uris import resolve
-
-    if plan.backbone is None:
-        return training.new_backbone(), {"backbone_source": "none (trained from scratch)"}
-    training.data.setup()
-    if plan.needs_pretrain_output:
-        saved = load_network(pretrained)
-        origin = {"backbone_source": str(pretrained), "backbone_run_id": str(saved.get("run_id"))}
-    else:
-        with tempfile.TemporaryDirectory() as folder:
-            resolved = resolve(training.tracking, plan.backbone, folder)
-            saved = load_network(_network_file(resolved.path, plan.backbone))
-        origin = {
-            "backbone_source": plan.backbone,
-            "backbone_run_id": str(resolved.run_id),
-            "backbone_version": str(resolved.version),
-        }
-    return load_backbone(saved, training.data.n_features, origin["backbone_source"]), origin
-
-
-def _network_file(path: Path, uri: str) -> Path:
-    from trackflow.errors import ConfigError
-
-    if path.is_file():
-        return path
-    candidates = sorted(path.glob("*.pt"))
-    if len(candidates) != 1:
-        raise ConfigError(f"{uri!r} should hold one saved network (.pt), found {len(candidates)}")
-    return candidates[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
