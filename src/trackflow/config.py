@@ -312,6 +312,68 @@ class EnsembleConfig(_Section):
         description="soft: the mean of the members' probabilities; hard: the members' majority "
         "label (probabilities = the share of votes).",
     )
+    members: list[dict[str, Any]] = Field(
+        [],
+        description="Per-member overrides of train.* keys (and base.seed), dotted "
+        "({train.lr: 0.002}); when given, size = the number of members.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_from_members(cls, raw: Any) -> Any:
+        if not isinstance(raw, Mapping) or not raw.get("members"):
+            return raw
+        members, size = raw["members"], raw.get("size", 1)
+        if isinstance(members, list) and size not in (1, len(members)):
+            raise ValueError(
+                f"size is {size} but {len(members)} members are listed; drop size or make "
+                "them agree"
+            )
+        return {**raw, "size": len(members) if isinstance(members, list) else size}
+
+    @property
+    def votes(self) -> bool:
+        """Whether the target model is an ensemble (several networks, or listed members)."""
+        return self.size > 1 or bool(self.members)
+
+    @model_validator(mode="after")
+    def _check_members(self) -> EnsembleConfig:
+        for i, overrides in enumerate(self.members):
+            for key, value in overrides.items():
+                _check_member_override(f"members[{i}]", str(key), value)
+        return self
+
+
+def _check_member_override(where: str, key: str, value: Any) -> None:
+    """Refuse a member override outside ``train.*`` / ``base.seed``, or a bad value for its key."""
+    from pydantic import TypeAdapter
+
+    section, _, rest = key.partition(".")
+    roots: dict[str, type[BaseModel]] = {"train": TrainConfig, "base": BaseSection}
+    if section not in roots or not rest or (section == "base" and rest != "seed"):
+        raise ValueError(
+            f"{where}: {key!r} cannot differ between members; a member overrides train.* keys "
+            "(dotted, e.g. train.lr) or base.seed"
+        )
+    if rest.split(".")[0] == "ensemble":
+        raise ValueError(f"{where}: {key!r}: a member cannot hold an ensemble")
+    model, parts = roots[section], rest.split(".")
+    for depth, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            allowed = ", ".join(sorted(model.model_fields.keys() - {"ensemble"}))
+            raise ValueError(f"{where}: unknown key {key!r}; allowed here: {allowed}")
+        annotation = field.annotation
+        if depth < len(parts) - 1:
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                raise ValueError(f"{where}: {key!r}: {part!r} is a value, not a section")
+            model = annotation
+    try:
+        checked = Annotated[(annotation, *field.metadata)] if field.metadata else annotation
+        TypeAdapter(checked).validate_python(value)
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ValueError(f"{where}: {key}: {reason} (got {value!r})") from None
 
 
 class TrainConfig(OptimizationConfig):
