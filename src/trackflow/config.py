@@ -597,6 +597,14 @@ class Params(_Section):
                 "model.backbone: cnn reads image-shaped rows, but PCA components are not pixels; "
                 "set preprocess.pca.n_components: null, or model.image_shape explicitly"
             )
+        for stage in ("pretrain", "train"):
+            augment = getattr(self, stage).augment
+            if augment.geometric and self.preprocess.pca.n_components is not None:
+                raise ValueError(
+                    f"{stage}.augment shift/rotate/scale move images, but PCA components are not "
+                    "pixels; set preprocess.pca.n_components: null, or set "
+                    f"{stage}.augment.shift, .rotate and .scale to 0"
+                )
         return self
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from trackflow.config import OptimizationConfig, ScheduleConfig
 from trackflow.data.split import SPLITS
 from trackflow.errors import DataError
 from trackflow.io import read_table
+from trackflow.learn.augment import BatchAugmentation
 from trackflow.learn.networks import count_parameters
 
 if TYPE_CHECKING:
@@ -164,6 +166,7 @@ class ClassifierLitModule(pl.LightningModule):
         self.head = head
         self.optimization = optimization
         self.backbone_lr_ratio = backbone_lr_ratio
+        self.augmentation: BatchAugmentation | None = None  # built in setup, from training rows
         # Per-epoch sums of (loss x rows, correct rows, rows): logging once per epoch instead of
         # once per step keeps Lightning's logging machinery out of the inner loop.
         self._sums: dict[str, torch.Tensor] = {}
@@ -172,8 +175,28 @@ class ClassifierLitModule(pl.LightningModule):
         """Logits, (batch, n_classes)."""
         return self.head(self.backbone(x))
 
+    def setup(self, stage: str) -> None:
+        """Before fitting: build the training batches' augmentation (``optimization.augment``).
+
+        It learns from the training rows only and is seeded with ``base.seed`` (plus the rank),
+        so a deterministic run draws the same changes again.
+        """
+        if stage != "fit" or self.augmentation is not None:
+            return
+        augmentation = BatchAugmentation(
+            self.optimization.augment,
+            self.head.out_features,
+            getattr(self.backbone, "image_shape", None),
+            seed=_training_seed(self.trainer) + self.global_rank,
+        )
+        if augmentation.active:
+            self.augmentation = augmentation.fit(_training_features(self.trainer))
+
     def model_step(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss and predicted classes of a batch."""
+        """Loss and predicted classes of a batch.
+
+        The targets are class indices, or class probabilities (batch, n_classes) after mixup.
+        """
         x, y = batch
         logits = self(x)
         return F.cross_entropy(logits, y), logits.argmax(dim=1)
@@ -181,6 +204,8 @@ class ClassifierLitModule(pl.LightningModule):
     def _accumulate(self, split: str, batch: Sequence[torch.Tensor]) -> torch.Tensor:
         loss, preds = self.model_step(batch)
         y = batch[1]
+        if y.ndim == 2:  # soft targets: accuracy against each row's dominant label
+            y = y.argmax(dim=1)
         with torch.no_grad():
             rows = torch.tensor(float(len(y)), device=loss.device)
             step = torch.stack([loss.detach() * rows, (preds == y).sum().to(loss.dtype), rows])
@@ -195,7 +220,12 @@ class ClassifierLitModule(pl.LightningModule):
         self.log(f"{split}/acc", correct / rows, prog_bar=split == "val")
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """One optimization step; ``train/loss`` and ``train/acc`` are logged after the last one."""
+        """One optimization step, on the augmented batch if augmentation is on.
+
+        ``train/loss`` and ``train/acc`` (of the rows as trained on) are logged after the last one.
+        """
+        if self.augmentation is not None:
+            batch = self.augmentation(*batch)
         loss = self._accumulate("train", batch)
         if self.trainer.is_last_batch:
             self._log_epoch("train")
@@ -227,6 +257,21 @@ class ClassifierLitModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
         }
+
+
+def _training_seed(trainer: pl.Trainer) -> int:
+    """The data module's seed (``base.seed``), else the one ``seed_everything`` set."""
+    seed = getattr(trainer.datamodule, "seed", None)
+    return int(seed) if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def _training_features(trainer: pl.Trainer) -> torch.Tensor:
+    """The training rows, (n_rows, n_features), of the fit's :class:`FeatureDataModule`."""
+    data = trainer.datamodule
+    if not isinstance(data, FeatureDataModule):
+        raise TypeError("augmentation learns from a FeatureDataModule's rows: fit with one")
+    data.setup("fit")
+    return data.datasets["train"].tensors[0]
 
 
 class BackboneFreezing(BaseFinetuning):

@@ -1,0 +1,90 @@
+"""Edits of ``params.yaml`` that keep the file as its owner wrote it: comments, order, flow style.
+
+Commands that write chosen values back (``trackflow lr-find --apply``, ``trackflow sweep
+--apply``) go through :func:`update_params_file`, so an applied value lands in the file DVC
+tracks, with the file still valid and every comment in place.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from trackflow.errors import ConfigError
+
+
+def update_params_file(path: str | Path, values: Mapping[str, Any]) -> None:
+    """Set dotted keys of a params file in place, keeping its comments and layout.
+
+    The edited text is validated as a whole before it replaces the file (atomically), so a bad
+    value leaves the file untouched.
+
+    Args:
+        path: The params file (YAML).
+        values: Dotted keys to plain values, e.g. ``{"train.lr": 0.0023}``; lists are written in
+            flow style (``[512, 256]``), like the rest of ``params.yaml``.
+
+    Raises:
+        ConfigError: The file is missing or not YAML, a key crosses a value, or the result is not
+            valid params.
+    """
+    import yaml
+
+    from trackflow.config import validate_params
+    from trackflow.io import atomic_outputs
+
+    path = Path(path)
+    round_trip = _round_trip_yaml()
+    try:
+        document = round_trip.load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"params file {str(path)!r} does not exist") from None
+    except Exception as exc:  # ruamel raises many kinds of parse errors
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    for key, value in values.items():
+        _set(document, key, value)
+    buffer = io.StringIO()
+    round_trip.dump(document, buffer)
+    text = buffer.getvalue()
+    validate_params(yaml.safe_load(text) or {}, source=f"{path} with {dict(values)}")
+    with atomic_outputs(path) as (staging,):
+        staging.write_text(text, encoding="utf-8")
+
+
+def _round_trip_yaml() -> Any:
+    from ruamel.yaml import YAML
+    from ruamel.yaml.representer import RoundTripRepresenter
+
+    class Representer(RoundTripRepresenter):
+        """ruamel's, writing ``null`` out as ``params.yaml`` does (not an empty value)."""
+
+    Representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    yaml = YAML(typ="rt")
+    yaml.Representer = Representer
+    yaml.preserve_quotes = True
+    yaml.width = 100
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    return yaml
+
+
+def _set(document: Any, key: str, value: Any) -> None:
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    *parents, leaf = key.split(".")
+    node = document
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = CommentedMap()
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key!r}: {part!r} is a value, not a section")
+        node = child
+    if isinstance(value, list | tuple):
+        sequence = CommentedSeq(value)
+        sequence.fa.set_flow_style()
+        value = sequence
+    node[leaf] = value
