@@ -41,7 +41,8 @@ def _dotted_keys(raw: dict[str, Any], prefix: str = "") -> set[str]:
     keys: set[str] = set()
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
-        keys |= _dotted_keys(value, f"{dotted}.") if isinstance(value, dict) else {dotted}
+        nested = isinstance(value, dict) and dotted != "sweep.space"  # its keys are dotted keys
+        keys |= _dotted_keys(value, f"{dotted}.") if nested else {dotted}
     return keys
 
 

@@ -6,10 +6,12 @@ allowed in its place, instead of silently falling back to a default.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -570,6 +572,207 @@ class ServeConfig(_Section):
     access_log: bool = Field(False, description="One log line per request.")
 
 
+SWEEP_SECTIONS = ("model", "pretrain", "train")
+SWEEP_DISTRIBUTIONS = ("log_uniform", "uniform", "int", "choice")
+SWEEP_METRICS = {"val/acc": "maximize", "val/loss": "minimize"}
+
+
+class SweepConfig(_Section):
+    """``trackflow sweep``: a hyper-parameter search with Optuna, each trial an MLflow child run.
+
+    Trials train on the preprocessed data through the train stage's code, and are scored on the
+    validation rows only (never on test rows).
+    """
+
+    space: dict[str, dict[str, Any]] = Field(
+        {
+            "train.lr": {"log_uniform": [1e-4, 1e-2]},
+            "train.backbone_lr_ratio": {"log_uniform": [0.01, 1.0]},
+            "train.weight_decay": {"log_uniform": [1e-6, 1e-2]},
+            "train.batch_size": {"choice": [32, 64, 128]},
+        },
+        description="Dotted keys of model.*, pretrain.* or train.* to a distribution: "
+        "{log_uniform: [lo, hi]}, {uniform: [lo, hi]}, {int: [lo, hi]} (optional step: N), "
+        "or {choice: [v1, v2, ...]}.",
+    )
+    n_trials: PositiveInt = Field(
+        40, description="Trials of the study in all: a resumed sweep runs what is left."
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, description="Stop starting trials after this many seconds; null = no limit."
+    )
+    sampler: Literal["tpe", "random", "grid"] = Field(
+        "tpe", description="tpe | random | grid (grid: choice and int distributions only)."
+    )
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="Stops unpromising trials early, on the metric of each epoch."
+    )
+    metric: Literal["val/acc", "val/loss"] = Field(
+        "val/acc", description="Validation metric the sweep optimizes (never a test metric)."
+    )
+    direction: Literal["maximize", "minimize"] = Field(
+        "maximize", description="maximize for val/acc, minimize for val/loss."
+    )
+    parallel: PositiveInt = Field(
+        1, description="Trials at once: worker processes sharing the study storage."
+    )
+    storage: str | None = Field(
+        None,
+        description="Optuna storage, a SQLAlchemy URL; null = optuna.db beside a SQLite MLflow "
+        "store (sqlite:///mlruns/optuna.db), else sqlite:///mlruns/optuna.db.",
+    )
+    study: str | None = Field(
+        None,
+        description="Study name; null = '<model.name>-<digest of space, metric and data>', so "
+        "running the same sweep again resumes it.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfig:
+        expected = SWEEP_METRICS[self.metric]
+        if self.direction != expected:
+            raise ValueError(
+                f"metric {self.metric!r} is to {expected[:-1]}e, but direction is "
+                f"{self.direction!r}; set direction: {expected}"
+            )
+        return self
+
+
+def _sweep_space_errors(params: Params) -> list[str]:
+    """What is wrong with ``params.sweep.space``: one line per problem, empty when it is valid.
+
+    Each bound and choice is applied as an override of the other sections and validated, so a
+    value the key refuses fails here with the key's own message.
+    """
+    errors = []
+    raw = params.model_dump(mode="json", exclude={"sweep"})
+    raw["sweep"] = {"space": {}}  # the candidates' own space is not checked again
+    for key, spec in params.sweep.space.items():
+        where = f"sweep.space.{key}"
+        try:
+            values = _space_values(key, spec, params.sweep.sampler)
+        except ValueError as exc:
+            errors.append(f"{where}: {exc}")
+            continue
+        for value in values:
+            candidate = copy.deepcopy(raw)
+            set_dotted(candidate, key, value)
+            try:
+                Params.model_validate(candidate)
+            except ValidationError as exc:
+                reason = "; ".join(_describe_error(e) for e in exc.errors())
+                errors.append(f"{where}: the value {value!r} is refused: {reason}")
+    return errors
+
+
+def _space_values(key: str, spec: Any, sampler: str) -> list[Any]:
+    """The values of one distribution to validate against the key (bounds or choices)."""
+    kind = _space_field_kind(key)
+    if not isinstance(spec, dict) or not set(spec) & set(SWEEP_DISTRIBUTIONS):
+        raise ValueError(
+            f"give one distribution: {{log_uniform: [lo, hi]}}, {{uniform: [lo, hi]}}, "
+            f"{{int: [lo, hi]}} or {{choice: [...]}}; got {spec!r}"
+        )
+    kinds = [k for k in spec if k in SWEEP_DISTRIBUTIONS]
+    extra = sorted(set(spec) - {*SWEEP_DISTRIBUTIONS, "step"})
+    if len(kinds) > 1 or extra:
+        raise ValueError(f"one distribution and an optional step, got keys {sorted(spec)}")
+    (dist,) = kinds
+    value = spec[dist]
+    if dist == "choice":
+        if "step" in spec:
+            raise ValueError("step goes with int or uniform, not choice")
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"choice needs a non-empty list of values, got {value!r}")
+        return value
+    if not (isinstance(value, list) and len(value) == 2) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        raise ValueError(f"{dist} needs [low, high], two numbers, got {value!r}")
+    low, high = value
+    if low > high:
+        raise ValueError(f"{dist}: low {low} is above high {high}")
+    if dist == "log_uniform" and low <= 0:
+        raise ValueError(f"log_uniform needs low > 0 (a log scale), got {low}")
+    step = spec.get("step")
+    if step is not None and (dist == "log_uniform" or not isinstance(step, int | float)):
+        raise ValueError(f"step goes with int or uniform, as a positive number; got {step!r}")
+    if step is not None and step <= 0:
+        raise ValueError(f"step must be positive, got {step}")
+    if dist == "int":
+        if not all(isinstance(v, int) for v in (*value, step or 1)):
+            raise ValueError(f"int needs integer bounds and step, got {spec!r}")
+        if "int" not in kind:
+            raise ValueError(f"int fits an integer key; {key} is {_kind_text(kind)}")
+        if sampler == "grid":
+            return list(range(low, high + 1, step or 1))
+    else:
+        if "float" not in kind:
+            hint = "; use {int: [lo, hi]} or choice" if "int" in kind else "; use choice"
+            raise ValueError(f"{dist} fits a float key; {key} is {_kind_text(kind)}{hint}")
+        if sampler == "grid":
+            raise ValueError(
+                f"the grid sampler needs a finite set of values; {dist} is continuous: use "
+                "choice (or int), or sampler: tpe / random"
+            )
+    return [low, high]
+
+
+def _space_field_kind(key: str) -> set[str]:
+    """The kinds of value a dotted params key takes: ``int``, ``float`` and/or ``other``."""
+    parts = key.split(".")
+    if parts[0] not in SWEEP_SECTIONS:
+        raise ValueError(
+            f"a sweep searches model.*, pretrain.* or train.* keys only: a trial retrains on the "
+            f"preprocessed data, so {parts[0]}.* keys cannot change in it (search data keys with "
+            "`dvc exp run --queue -S key=value` instead)"
+        )
+    if key == "model.name":
+        raise ValueError("model.name is the registered model's name, not a hyper-parameter")
+    model: type[BaseModel] = Params
+    annotation: Any = Params
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            section = ".".join(parts[:i])
+            hint = difflib.get_close_matches(part, list(fields), n=1)
+            guess = f" (did you mean '{section}.{hint[0]}'?)" if hint else ""
+            raise ValueError(f"unknown key{guess}; keys of {section}: {', '.join(sorted(fields))}")
+        annotation = fields[part].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif i < len(parts) - 1:
+            raise ValueError(f"{'.'.join(parts[: i + 1])} is a value, not a section")
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        raise ValueError(
+            f"{key} is a section; search one of its keys: {', '.join(model.model_fields)}"
+        )
+    return _annotation_kinds(annotation)
+
+
+def _annotation_kinds(annotation: Any) -> set[str]:
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _annotation_kinds(get_args(annotation)[0])
+    if origin in (Union, UnionType):
+        return set().union(*(_annotation_kinds(a) for a in get_args(annotation)))
+    if annotation is bool:
+        return {"other"}
+    if annotation is int:
+        return {"int"}
+    if annotation is float:
+        return {"float"}
+    return {"other"}
+
+
+def _kind_text(kind: set[str]) -> str:
+    if "int" in kind:
+        return "an integer"
+    if "float" in kind:
+        return "a float"
+    return "not a number (search it with choice)"
+
+
 class Params(_Section):
     """The whole ``params.yaml``."""
 
@@ -585,6 +788,7 @@ class Params(_Section):
     promotion: PromotionConfig = PromotionConfig()
     batch: BatchConfig = BatchConfig()
     serve: ServeConfig = ServeConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Params:
@@ -605,6 +809,9 @@ class Params(_Section):
                     "pixels; set preprocess.pca.n_components: null, or set "
                     f"{stage}.augment.shift, .rotate and .scale to 0"
                 )
+        errors = _sweep_space_errors(self)
+        if errors:
+            raise ValueError("\n  ".join(errors))
         return self
 
 
@@ -660,8 +867,13 @@ def flatten(data: Mapping[str, Any], separator: str = ".") -> dict[str, Any]:
 
 
 def flatten_params(params: Params) -> dict[str, Any]:
-    """Params as a flat mapping of dotted keys, as logged to MLflow."""
-    return flatten(params.model_dump(mode="json"))
+    """Params as a flat mapping of dotted keys, as logged to MLflow.
+
+    The sweep's space, whose own keys are dotted, stays one value: ``sweep.space``.
+    """
+    raw = params.model_dump(mode="json")
+    space = raw["sweep"].pop("space")
+    return flatten(raw) | {"sweep.space": space}
 
 
 def params_schema() -> dict[str, Any]:
@@ -692,7 +904,8 @@ def _describe_error(error: Mapping[str, Any]) -> str:
         section = ".".join(str(part) for part in loc[:-1]) or "the top level"
         return f"unknown key {where!r}{guess}; allowed keys in {section}: {', '.join(allowed)}"
     if error["type"] == "value_error":  # our own validators' messages already quote the value
-        return f"{where}: {error['msg'].removeprefix('Value error, ')}"
+        message = error["msg"].removeprefix("Value error, ")
+        return f"{where}: {message}" if loc else message
     return f"{where}: {error['msg']} (got {error['input']!r})"
 
 
