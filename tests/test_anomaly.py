@@ -20,9 +20,12 @@ from trackflow.learn.anomaly import (
     KNNDetector,
     MahalanobisDetector,
     PCAReconstructionDetector,
+    ShiftedKNNDetector,
     calibrate_threshold,
     corrupt,
     evaluate_detectors,
+    represent,
+    shifted_images,
 )
 from trackflow.stages.anomaly import main as anomaly
 
@@ -88,7 +91,7 @@ def test_detectors_are_fitted_on_training_rows_only() -> None:
     )
     preprocessor = make_pipeline(StandardScaler(), PCA(4)).fit(sets.train)
     network = torch.nn.Sequential(build_backbone(ModelConfig(widths=(6,)), 4), build_head(6, 3))
-    config = AnomalyConfig()
+    config = AnomalyConfig(detectors=[n for n in SPACES if n != "knn_shifted"])  # 8 features
     report = evaluate_detectors(sets, preprocessor, network, config, seed=0)
     changed = AnomalySets(
         sets.train,
@@ -108,6 +111,71 @@ def test_detectors_are_fitted_on_training_rows_only() -> None:
     for name in config.detectors:  # test rows changed; fitted state and threshold did not
         assert report.detectors[name].threshold_ == again.detectors[name].threshold_
     assert report.val_auroc == again.val_auroc
+    assert report.detectors["knn_raw"].neighbors_._fit_X.tolist() == sets.train.to_numpy().tolist()
+
+
+def test_shifted_knn_remembers_images_moved_a_pixel() -> None:
+    image = np.zeros((1, 4, 4))
+    image[0, 1:3, 1] = 1.0
+    moved = shifted_images(image.reshape(1, 16), shift=1).reshape(5, 4, 4)
+    np.testing.assert_array_equal(moved[0], image[0])
+    assert [m.sum() for m in moved] == [2.0] * 5  # nothing wrapped around the edge
+    np.testing.assert_array_equal(moved[3][1:3, 2], [1.0, 1.0])  # one of them moved right
+    detector = ShiftedKNNDetector(n_neighbors=1).fit(image.reshape(1, 16))
+    right = np.roll(image, 1, axis=2).reshape(1, 16)
+    assert detector.score_samples(right) == 0.0  # plain kNN: distance sqrt(4)
+    assert KNNDetector(n_neighbors=1).fit(image.reshape(1, 16)).score_samples(right) == -2.0
+    with pytest.raises(ValueError, match="square"):
+        ShiftedKNNDetector().fit(healthy(10, 0))
+    unfitted = ShiftedKNNDetector(n_neighbors=3, shift=2)
+    assert clone(unfitted).get_params() == {"n_neighbors": 3, "shift": 2}
+    assert not [k for k in vars(unfitted) if k.endswith("_")]
+    with pytest.raises(NotFittedError):
+        unfitted.score_samples(np.zeros((2, 16)))
+
+
+def test_raw_space_is_imputed_but_not_scaled() -> None:
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rows = pd.DataFrame({"a": [1.0, np.nan, 3.0], "b": [10.0, 20.0, 60.0]})
+    imputing = Pipeline([("impute", SimpleImputer()), ("scale", StandardScaler())]).fit(rows)
+    np.testing.assert_array_equal(
+        represent(rows, "raw", imputing, network=None), [[1, 10], [2, 20], [3, 60]]
+    )
+    plain = Pipeline([("scale", StandardScaler()), ("pca", "passthrough")]).fit(rows.fillna(0))
+    np.testing.assert_array_equal(represent(rows.fillna(0), "raw", plain, None), rows.fillna(0))
+
+
+@pytest.mark.parametrize("impute", [False, True])
+@pytest.mark.parametrize("space", ["raw", "scaled", "embedding"])
+def test_packaged_model_feeds_each_detector_its_space(space: str, impute: bool) -> None:
+    """The packaged model scores with the detector, on rows as :func:`represent` gives them."""
+    import torch
+
+    from trackflow.config import ModelConfig, PreprocessConfig
+    from trackflow.data.preprocessing import build_preprocessor
+    from trackflow.learn.networks import build_backbone, build_head
+    from trackflow.registry.packaging import Scorer
+
+    rows = pd.DataFrame(
+        healthy(60, 3) * [1, 10, 1, 1, 1, 1, 1, 1], columns=[f"f{i}" for i in range(8)]
+    )
+    preprocessor = build_preprocessor(PreprocessConfig(), impute=impute, seed=0).fit(rows)
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(
+        build_backbone(ModelConfig(widths=(6,)), preprocessor.transform(rows).shape[1]),
+        build_head(6, 2),
+    ).eval()
+    inputs = represent(rows, space, preprocessor, network)
+    detector = KNNDetector(n_neighbors=3).fit(inputs[:40])
+    bundle = {"name": "knn", "space": space, "detector": detector, "target_fpr": 0.05}
+    scorer = Scorer(preprocessor, network, bundle, list(rows.columns), [0, 1])
+    scored = scorer.score(rows.iloc[40:])
+    np.testing.assert_allclose(
+        scored["anomaly_score"], -detector.score_samples(inputs[40:]), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_corruptions_keep_shape_and_change_rows() -> None:
@@ -151,7 +219,7 @@ def test_anomaly_stage_writes_one_table_and_the_selected_detector(processed, tra
     assert code == 0
     metrics = read_json("plots/all_metrics.json")  # every number; anomaly.json: the headline
     kinds = {"source_classes", "gaussian_noise", "inverted", "constant", "scaled", "all"}
-    assert set(metrics) == {"knn", "mahalanobis", "pca_reconstruction", "isolation_forest"}
+    assert set(metrics) == set(AnomalyConfig().detectors) == set(SPACES)
     for per_kind in metrics.values():
         assert set(per_kind) == kinds
         assert all(set(m) == {"auroc", "auprc", "recall_at_fpr"} for m in per_kind.values())
@@ -174,7 +242,7 @@ def test_anomaly_stage_writes_one_table_and_the_selected_detector(processed, tra
         ),
     }
     table = pd.read_csv("plots/detectors.csv")
-    assert len(table) == 4 * len(kinds)
+    assert len(table) == len(SPACES) * len(kinds)
     assert Path("plots/roc_curves.png").exists() and Path("plots/score_histograms.png").exists()
 
 

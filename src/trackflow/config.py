@@ -438,17 +438,23 @@ class EvaluateConfig(_Section):
     )
 
 
-DetectorName = Literal["knn", "mahalanobis", "pca_reconstruction", "isolation_forest"]
+DetectorName = Literal[
+    "knn", "mahalanobis", "pca_reconstruction", "isolation_forest", "knn_raw", "knn_shifted"
+]
 
 
 class AnomalyConfig(_Section):
     """Detectors of inputs unlike the target training data, fitted on its training rows only."""
 
     detectors: tuple[DetectorName, ...] = Field(
-        ("knn", "mahalanobis", "pca_reconstruction", "isolation_forest"), min_length=1
+        ("knn", "mahalanobis", "pca_reconstruction", "isolation_forest", "knn_raw", "knn_shifted"),
+        min_length=1,
+        description="Detectors fitted and compared; knn_shifted needs image rows (square width).",
     )
     detector: DetectorName | Literal["best"] = Field(
-        "best", description="Detector saved with the model; 'best' = highest validation AUROC."
+        "best",
+        description="Detector saved with the model; 'best' = highest validation AUROC on the "
+        "anomaly kind it detects worst.",
     )
     target_fpr: float = Field(
         0.05,
@@ -457,6 +463,9 @@ class AnomalyConfig(_Section):
         description="False-positive rate on validation rows that sets the threshold.",
     )
     knn_neighbors: PositiveInt = 5
+    knn_shift: PositiveInt = Field(
+        1, description="knn_shifted: training images also remembered moved this many pixels."
+    )
     pca_variance: float = Field(
         0.9, gt=0, lt=1, description="Variance kept by the reconstruction detector's PCA."
     )

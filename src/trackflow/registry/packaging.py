@@ -46,7 +46,8 @@ class Scorer:
     Attributes:
         preprocessor: Fitted scikit-learn pipeline (impute, scale, PCA or passthrough).
         network: ``nn.Sequential(backbone, head)`` in eval mode.
-        detector: Bundle saved by the anomaly stage (``name``, ``space``, ``detector``).
+        detector: Bundle saved by the anomaly stage (``name``, ``space``, ``detector``); the
+            space is ``raw`` (imputed only), ``scaled`` (before PCA) or ``embedding``.
         columns: Raw feature columns, in training order.
         classes: Class labels, in the network's output order.
     """
@@ -109,15 +110,20 @@ class Scorer:
         """
         import torch
 
-        scaled = rows.to_numpy(dtype=np.float64)
-        for step in self._scale:
+        raw, steps = rows.to_numpy(dtype=np.float64), self._scale
+        if self.imputes:  # the imputer comes first; a "raw"-space detector reads imputed rows
+            raw, steps = steps[0].transform(raw), steps[1:]
+        scaled = raw
+        for step in steps:
             scaled = step.transform(scaled)
         features = scaled if self._reduce is None else self._reduce.transform(scaled)
         backbone, head = self.network[0], self.network[1]
         with torch.inference_mode():
             embedding = backbone(torch.from_numpy(np.asarray(features, dtype=np.float32)))
             proba = torch.softmax(head(embedding), dim=1).numpy()
-        space = embedding.numpy() if self.detector["space"] == "embedding" else scaled
+        space = {"raw": raw, "scaled": scaled, "embedding": embedding.numpy()}[
+            self.detector["space"]
+        ]
         detector = self.detector["detector"]
         normality = detector.score_samples(space)
         _require_finite(rows.index, proba, normality)
