@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _tool_names():
         module = importlib.import_module(f"trackflow.commands.{name}")
         summary = (module.__doc__ or "").strip().splitlines()[0]
-        sub = commands.add_parser(name, help=summary, description=module.__doc__)
+        # The module lr_find is the command lr-find.
+        sub = commands.add_parser(name.replace("_", "-"), help=summary, description=module.__doc__)
         module.add_arguments(sub)
         sub.set_defaults(handler=module.run)
 
