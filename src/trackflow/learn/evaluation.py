@@ -60,6 +60,29 @@ def classification_metrics(
     }
 
 
+def ensemble_gain(
+    y_true: np.ndarray, proba: np.ndarray, member_probas: Sequence[np.ndarray]
+) -> dict[str, Any]:
+    """How much better the ensemble's accuracy is than its best member's, on the same rows.
+
+    Args:
+        y_true: True class indices, shape (n_rows,).
+        proba: The ensemble's probabilities, shape (n_rows, n_classes).
+        member_probas: Each member's probabilities, shape (n_members, n_rows, n_classes).
+
+    Returns:
+        ``ensemble_gain`` (ensemble accuracy minus the best member's), ``best_member_accuracy``
+        and ``member_accuracy`` (member number from 1 -> accuracy).
+    """
+    members = [float((p.argmax(axis=1) == y_true).mean()) for p in member_probas]
+    ensemble = float((proba.argmax(axis=1) == y_true).mean())
+    return {
+        "ensemble_gain": ensemble - max(members),
+        "best_member_accuracy": max(members),
+        "member_accuracy": {str(i): acc for i, acc in enumerate(members, start=1)},
+    }
+
+
 def reliability_table(y_true: np.ndarray, proba: np.ndarray, n_bins: int) -> pd.DataFrame:
     """Per confidence bin: mean confidence, accuracy and row count (of non-empty bins)."""
     confidence = proba.max(axis=1)

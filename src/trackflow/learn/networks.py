@@ -208,6 +208,7 @@ def _square_image(in_features: int) -> tuple[int, int, int]:
 
 
 NETWORK_FORMAT = 1
+ENSEMBLE_FORMAT = 2  # several members (format-1 weights each) and how they vote
 
 
 def save_network(
@@ -235,6 +236,37 @@ def save_network(
     )
 
 
+def save_ensemble(
+    path: str | Path,
+    members: Sequence[tuple[nn.Module, nn.Module]],
+    vote: str,
+    model_configs: Sequence[ModelConfig],
+    in_features: int,
+    **meta: Any,
+) -> None:
+    """Save each member's ``(backbone, head)`` and architecture, the vote, and ``meta``.
+
+    ``meta`` holds what :func:`save_network` keeps beside one network (``classes``, ...).
+    """
+    torch.save(
+        {
+            "format": ENSEMBLE_FORMAT,
+            "vote": vote,
+            "members": [
+                {
+                    "model": config.model_dump(mode="json"),
+                    "in_features": in_features,
+                    "backbone": backbone.state_dict(),
+                    "head": head.state_dict(),
+                }
+                for (backbone, head), config in zip(members, model_configs, strict=True)
+            ],
+            **meta,
+        },
+        path,
+    )
+
+
 def load_network(path: str | Path) -> dict[str, Any]:
     """The saved dictionary of :func:`save_network` (weights only: nothing is unpickled)."""
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -246,6 +278,11 @@ def load_backbone(saved: dict[str, Any], in_features: int, origin: str) -> nn.Mo
     Raises:
         ConfigError: Nothing was saved, or the backbone expects another input width.
     """
+    if saved.get("format") == ENSEMBLE_FORMAT:
+        raise ConfigError(
+            f"{origin} holds an ensemble of {len(saved['members'])} networks, not one backbone; "
+            "choose one network's file or registered version as the backbone"
+        )
     if saved["backbone"] is None:
         raise ConfigError(
             f"{origin} holds no backbone ({saved.get('reason', 'none was trained')}); use "
@@ -263,13 +300,89 @@ def load_backbone(saved: dict[str, Any], in_features: int, origin: str) -> nn.Mo
 
 
 def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """A saved target model as ``nn.Sequential(backbone, head)`` in eval mode, and its metadata."""
+    """A saved target model as ``nn.Sequential(backbone, head)`` in eval mode, and its metadata.
+
+    An ensemble loads as ``nn.Sequential(EnsembleBackbone, VotingHead)``: the same interface
+    (``[0]`` embeds, ``[1]`` maps the embedding to logits whose softmax is the voted probability).
+    """
     saved = load_network(path)
-    backbone = load_backbone(saved, saved["in_features"], str(path))
-    head = build_head(backbone.out_features, len(saved["classes"]))
-    head.load_state_dict(saved["head"])
+    if saved.get("format") == ENSEMBLE_FORMAT:
+        parts = [_member(member, saved["classes"], str(path)) for member in saved["members"]]
+        meta = {k: v for k, v in saved.items() if k != "members"}
+        return voting_network(parts, saved["vote"]).eval(), meta
+    backbone, head = _member(saved, saved["classes"], str(path))
     meta = {k: v for k, v in saved.items() if k not in ("backbone", "head")}
     return nn.Sequential(backbone, head).eval(), meta
+
+
+def _member(saved: dict[str, Any], classes: Sequence[Any], origin: str) -> tuple[nn.Module, ...]:
+    backbone = load_backbone(saved, saved["in_features"], origin)
+    head = build_head(backbone.out_features, len(classes))
+    head.load_state_dict(saved["head"])
+    return backbone, head
+
+
+class EnsembleBackbone(nn.Module):
+    """The members' backbones side by side: (batch, in_features) -> (batch, sum of widths).
+
+    The embedding of an ensemble is its members' embeddings, concatenated in member order.
+    """
+
+    def __init__(self, backbones: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(backbones)
+        self.widths = [b.out_features for b in backbones]
+        self.in_features = backbones[0].in_features
+        self.out_features = sum(self.widths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed a batch with every member; concatenate."""
+        return torch.cat([backbone(x) for backbone in self.members], dim=1)
+
+
+class VotingHead(nn.Module):
+    """The members' heads, each on its part of the embedding, combined by a vote.
+
+    Output, shape (batch, n_classes): the log of the voted probabilities, so softmax gives them
+    back. ``soft``: the mean of the members' softmax; ``hard``: the share of members voting for each
+    class, a tie broken by the mean probability (which moves a share by at most ``TIE_BREAK``).
+    """
+
+    TIE_BREAK = 1e-4
+
+    def __init__(self, heads: Sequence[nn.Module], widths: Sequence[int], vote: str) -> None:
+        super().__init__()
+        if vote not in ("soft", "hard"):
+            raise ValueError(f"vote must be 'soft' or 'hard', got {vote!r}")
+        self.members = nn.ModuleList(heads)
+        self.widths, self.vote = list(widths), vote
+
+    def member_proba(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Each member's probabilities, shape (n_members, batch, n_classes)."""
+        parts = torch.split(embedding, self.widths, dim=1)
+        logits = [head(part) for head, part in zip(self.members, parts, strict=True)]
+        return torch.softmax(torch.stack(logits), dim=2)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Log of the voted probabilities (``-87``, not ``-inf``, for a class with none)."""
+        members = self.member_proba(embedding)
+        proba = members.mean(dim=0)
+        if self.vote == "hard":
+            n_classes = members.shape[2]
+            votes = nn.functional.one_hot(members.argmax(dim=2), n_classes).to(proba.dtype)
+            proba = (votes.mean(dim=0) + self.TIE_BREAK * proba) / (1 + self.TIE_BREAK)
+        return torch.log(proba.clamp_min(torch.finfo(proba.dtype).tiny))
+
+
+def voting_network(members: Sequence[Sequence[nn.Module]], vote: str) -> nn.Sequential:
+    """``nn.Sequential(EnsembleBackbone, VotingHead)`` of ``(backbone, head)`` pairs."""
+    backbone = EnsembleBackbone([b for b, _ in members])
+    return nn.Sequential(backbone, VotingHead([h for _, h in members], backbone.widths, vote))
+
+
+def member_count(network: nn.Module) -> int:
+    """Networks voting in a :func:`load_classifier` model (1: a single network)."""
+    return len(network[1].members) if isinstance(network[1], VotingHead) else 1
 
 
 @torch.no_grad()
@@ -280,7 +393,22 @@ def predict_proba(network: nn.Module, features: Any) -> Any:
 
 
 @torch.no_grad()
+def member_probas(network: nn.Module, features: Any) -> Any:
+    """Each member's class probabilities, shape (n_members, n_rows, n_classes).
+
+    A single network is an ensemble of one: its :func:`predict_proba` as the one member.
+    """
+    if not isinstance(network[1], VotingHead):
+        return predict_proba(network, features)[None]
+    x = torch.tensor(np.asarray(features), dtype=torch.float32)
+    return network[1].member_proba(network.eval()[0](x)).numpy()
+
+
+@torch.no_grad()
 def embed(network: nn.Module, features: Any) -> Any:
-    """Backbone embedding, shape (n_rows, out_features), of a :func:`load_classifier` model."""
+    """Backbone embedding, shape (n_rows, out_features), of a :func:`load_classifier` model.
+
+    An ensemble's is its members' embeddings side by side (``out_features`` is their sum).
+    """
     x = torch.tensor(np.asarray(features), dtype=torch.float32)
     return network.eval()[0](x).numpy()

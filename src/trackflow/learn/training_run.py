@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import pandas as pd
 from lightning.pytorch import seed_everything
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_summary import ModelSummary
@@ -49,6 +51,9 @@ DVC_METRICS = ("best_val_acc", "best_val_loss", "epochs")  # of the metrics file
 
 class TrainingRun:
     """Context manager: data of one task, an MLflow run, fitting, and the stage's outputs.
+
+    The run fits one network (:meth:`fit`), or records what networks fitted in its child runs
+    make together (:meth:`record`: an ensemble's members, each a ``TrainingRun`` nested here).
 
     Args:
         params: The validated params.
@@ -92,6 +97,8 @@ class TrainingRun:
         self.run_id: str | None = None
         self.metrics: dict[str, float] = {}
         self._checkpoints = tempfile.TemporaryDirectory(prefix=f"trackflow-{name}-")
+        self._history: pd.DataFrame | None = None
+        self._save_network: Callable[[Path], None] | None = None
 
     def __enter__(self) -> TrainingRun:
         seed_everything(self.params.base.seed, workers=True, verbose=False)
@@ -194,6 +201,33 @@ class TrainingRun:
                 client.log_artifact(self.run_id, path, "checkpoints")
         log.info("%s: %s", self.name, ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items()))
 
+    def record(
+        self,
+        metrics: dict[str, float],
+        history: pd.DataFrame,
+        save_network: Callable[[Path], None],
+        tags: dict[str, str],
+    ) -> None:
+        """Take on results of training done in child runs, and log them to this run.
+
+        Args:
+            metrics: This run's numbers, named as :meth:`fit` names them (``train/best_val_acc``).
+            history: Per-epoch rows, written by :meth:`write_outputs`.
+            save_network: Writes the model file to the path given (:meth:`log_network` calls it).
+            tags: This run's tags (without the ``trackflow.`` prefix).
+        """
+        self.metrics, self._history, self._save_network = metrics, history, save_network
+        if self.run_id is None:
+            return
+        set_tags(self.tracking, self.run_id, {TAG_PREFIX + k: v for k, v in tags.items()})
+        log_metrics(self.tracking, self.run_id, metrics)
+        update_note(self.tracking, self.run_id, self.name, self.summary())
+        log.info("%s: %s", self.name, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+    def history(self) -> pd.DataFrame:
+        """One row per epoch of the fit (or the recorded history)."""
+        return self._history if self._history is not None else self.report.history()
+
     def summary(self) -> str:
         """One sentence of headline numbers, the stage's part of the run's description."""
         m = self.metrics
@@ -206,6 +240,10 @@ class TrainingRun:
     def log_network(self, file_name: str, with_head: bool) -> Path:
         """Save the fitted network under ``file_name`` and log it to the run as ``<name>/``."""
         local = Path(self._checkpoints.name) / file_name
+        if self._save_network is not None:
+            self._save_network(local)
+            self.tracking.client.log_artifact(self.run_id, str(local), self.name)
+            return local
         save_network(
             local,
             self.module.backbone,
@@ -243,4 +281,4 @@ class TrainingRun:
             write_json(headline, metrics_tmp)
             write_json(run_info, run_tmp)
             if history_tmp:
-                self.report.history().to_csv(history_tmp[0], index=False)
+                self.history().to_csv(history_tmp[0], index=False)

@@ -1,10 +1,11 @@
 """Evaluate: held-out metrics, figures, curve diagnosis and baselines, logged to the train run.
 
 Scores the target model on the target test rows: accuracy, macro-F1, per-class precision and
-recall, log loss, one-vs-rest ROC-AUC, expected calibration error. Writes the headline (test
-accuracy and macro-F1) to ``--metrics`` (what ``dvc metrics show`` prints), every number to
-``all_metrics.json`` in ``--plots`` beside the figures and their data, and logs everything to the
-training candidate's MLflow run (``--run``), with the diagnosis of its loss curves as a tag.
+recall, log loss, one-vs-rest ROC-AUC, expected calibration error; for an ensemble, each member's
+accuracy and the ensemble's gain over the best member. Writes the headline (test accuracy,
+macro-F1, an ensemble's gain) to ``--metrics`` (what ``dvc metrics show`` prints), every number
+to ``all_metrics.json`` in ``--plots`` beside the figures and their data, and logs everything to
+the training candidate's MLflow run (``--run``), with the diagnosis of its loss curves as a tag.
 scikit-learn baselines fitted on the same features and split are logged beside the model's accuracy.
 """
 
@@ -21,7 +22,7 @@ from trackflow.io import require_inputs
 
 log = logging.getLogger(__name__)
 
-HEADLINE = ("accuracy", "macro_f1")  # of the test rows, in --metrics
+HEADLINE = ("accuracy", "macro_f1", "ensemble_gain")  # of the test rows, in --metrics, if any
 HISTORY_COLUMNS = {
     "train/loss": "train_loss",
     "val/loss": "val_loss",
@@ -48,7 +49,12 @@ def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
     from trackflow.io import atomic_outputs, read_json, write_json
     from trackflow.learn import evaluation as ev
-    from trackflow.learn.networks import load_classifier, predict_proba
+    from trackflow.learn.networks import (
+        load_classifier,
+        member_count,
+        member_probas,
+        predict_proba,
+    )
     from trackflow.stages.scoring import labelled_arrays, log_to_run
     from trackflow.tracking import setup_tracking, update_note
 
@@ -61,6 +67,8 @@ def run(args: argparse.Namespace) -> None:
     metrics = {
         "test": ev.classification_metrics(y_test, proba, classes, params.evaluate.calibration_bins)
     }
+    if member_count(network) > 1:
+        metrics["test"] |= ev.ensemble_gain(y_test, proba, member_probas(network, x_test))
     if params.evaluate.baselines:
         x_train, y_train = labelled_arrays(args.data / "target_train.parquet", meta)
         metrics["baseline"] = ev.baseline_accuracies(
@@ -76,7 +84,8 @@ def run(args: argparse.Namespace) -> None:
     per_class = pd.DataFrame(metrics["test"]["per_class"]).T.rename_axis("class").reset_index()
     with atomic_outputs(args.metrics, args.plots) as (metrics_file, plots):
         plots.mkdir()
-        write_json({"test": {k: metrics["test"][k] for k in HEADLINE}}, metrics_file)
+        headline = {k: metrics["test"][k] for k in HEADLINE if k in metrics["test"]}
+        write_json({"test": headline}, metrics_file)
         write_json(metrics, plots / "all_metrics.json")
         ev.confusion_table(y_test, pred, classes).to_csv(plots / "confusion.csv", index=False)
         history.to_csv(plots / "history.csv", index=False)

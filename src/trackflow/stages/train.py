@@ -6,6 +6,8 @@ scratch`` ignores it and starts from random weights. Writes the target model to 
 ``--metrics``, ``--run-out`` (the MLflow run id the evaluation stages append to) and ``--history``
 (per-epoch metrics). ``--resume`` continues from a Lightning checkpoint (the run's
 ``checkpoints/last.ckpt`` artifact) in a new run, freeze state and schedule included.
+``train.ensemble`` trains several networks, each in a child run of the stage's run, and writes
+one model that votes.
 """
 
 from __future__ import annotations
@@ -36,17 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
     from trackflow.errors import ConfigError
+    from trackflow.learn.ensemble import member_params, train_target
     from trackflow.learn.training_run import TrainingRun
-    from trackflow.learn.transfer import train_candidate, transfer_plan
+    from trackflow.learn.transfer import transfer_plan
 
     params = load_params(args.params)
-    plan = transfer_plan(params.train)
-    if plan.needs_pretrain_output:
+    plans = [transfer_plan(member.train) for member in member_params(params)]
+    plan = plans[0]
+    if any(member.needs_pretrain_output for member in plans):
         require_inputs(args.backbone, made_by="pretrain")
     if args.resume is not None and not args.resume.is_file():
         raise ConfigError(f"--resume {args.resume}: no such checkpoint file")
     with TrainingRun(params, params.train, "target", args.data, "train", plan.mode) as training:
-        origin = train_candidate(training, plan, args.backbone, resume_from=args.resume)
+        origin = train_target(training, args.backbone, resume_from=args.resume)
         if not training.is_writer:
             return
         network = training.log_network(args.model_out.name, with_head=True)
