@@ -8,6 +8,7 @@ tracks, with the file still valid and every comment in place.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -63,12 +64,23 @@ def _round_trip_yaml() -> Any:
     Representer.add_representer(
         type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
     )
+    Representer.add_representer(float, _represent_float)
     yaml = YAML(typ="rt")
     yaml.Representer = Representer
     yaml.preserve_quotes = True
     yaml.width = 100
     yaml.indent(mapping=2, sequence=4, offset=2)
     return yaml
+
+
+def _represent_float(representer: Any, value: float) -> Any:
+    """A float as YAML 1.1 reads it back as a float: ``1.0e-09``, not ``1e-09`` (a string)."""
+    text = repr(value)
+    if not math.isfinite(value) or "e" not in text or "." in text:
+        return representer.represent_float(value)
+    mantissa, exponent = text.split("e")
+    sign = "" if exponent.startswith(("-", "+")) else "+"
+    return representer.represent_scalar("tag:yaml.org,2002:float", f"{mantissa}.0e{sign}{exponent}")
 
 
 def _set(document: Any, key: str, value: Any) -> None:

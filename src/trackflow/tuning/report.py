@@ -187,7 +187,7 @@ def _draw_importances(study: optuna.Study, path: Path) -> None:
     if importances:
         names = list(importances)[::-1]
         axes.barh(names, [importances[n] for n in names])
-        axes.set(xlabel="importance (fANOVA)")
+        axes.set(xlabel="importance (Optuna's default evaluator)")
     else:
         axes.text(0.5, 0.5, f"no importances: {reason}"[:90], ha="center", transform=axes.transAxes)
     axes.set(title="Parameter importances")

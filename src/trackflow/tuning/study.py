@@ -165,10 +165,10 @@ def counted_trials(study: optuna.Study) -> int:
 
 
 def pending_trials(study: optuna.Study) -> int:
-    """Trials running or waiting to run (a retry of an interrupted one)."""
+    """Trials running now (in any process); queued ones (``WAITING``) run in the next slots."""
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def recover_interrupted(study: optuna.Study, tracking: Tracking) -> list[int]:
