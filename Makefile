@@ -9,12 +9,13 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
+SWEEP_ARGS ?=
 
 # Stages call `python -m trackflow...`: the venv's interpreter must come first on PATH.
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run flow serve test test-fast lint format lock clean
+.PHONY: install run flow serve sweep test test-fast lint format lock clean
 
 install: $(INSTALLED)
 
@@ -34,6 +35,12 @@ flow: install
 
 serve: install
 	trackflow serve
+
+# A hyper-parameter sweep (params.yaml's sweep section) on the pipeline's data and backbone;
+# `make sweep SWEEP_ARGS=--apply` also writes the best values into params.yaml (then `make run`).
+sweep: install
+	dvc repro pretrain
+	trackflow sweep $(SWEEP_ARGS)
 
 test: install lint
 	pytest $(PYTEST_ARGS)

@@ -365,7 +365,8 @@ def test_prefect_yaml_deploys_the_training_flow_on_the_default_schedule() -> Non
 
     from trackflow.pipeline.schedule import DEFAULT_CRON
 
-    (deployment,) = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
+    deployments = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
+    (deployment,) = [d for d in deployments if d["name"] == "nightly"]
     cwd = Path.cwd()
     os.chdir(REPO_ROOT)  # entrypoints are relative to the project
     try:

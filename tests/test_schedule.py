@@ -96,7 +96,8 @@ def server_log(home: Path, lines: int = 40) -> str:
 def deploy_project_yaml(toy: Path, folder: Path, env: dict[str, str]) -> str:
     """``prefect deploy --all`` of the project's prefect.yaml, repo and schedule changed only."""
     spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
-    (deployment,) = spec["deployments"]
+    (deployment,) = [d for d in spec["deployments"] if d["name"] == "nightly"]
+    spec["deployments"] = [deployment]  # the training flow's (prefect.yaml also has the sweep's)
     deployment["parameters"]["repo"] = str(toy)
     deployment["schedules"] = [{"interval": 5}]
     prefect_file = folder / "prefect.yaml"

@@ -260,7 +260,7 @@ def test_ctrl_c_stops_cleanly_and_a_killed_sweep_resumes(
     """Ctrl-C: exit 130, study intact. kill -9: the running trial is not counted, runs again."""
     import optuna
 
-    params = sweep_params({"sweep.n_trials": 3, "train.max_epochs": 6})
+    params = sweep_params({"sweep.n_trials": 3, "train.max_epochs": 4})
     process = _start(params, processed)
     _wait_for_complete(tmp_path, process, 1)
     process.send_signal(signal.SIGINT)
@@ -299,3 +299,39 @@ def test_parallel_workers_share_the_study(
     study = load_study(tmp_path)
     assert sum(t.state.name == "COMPLETE" for t in study.trials) >= 4
     assert len({t.user_attrs["pid"] for t in study.trials}) == 2
+
+
+@pytest.mark.slow
+def test_the_prefect_flow_runs_the_sweep_and_applies_it(
+    sweep_params: Callable[..., Path], processed: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    import flows  # noqa: F401  (sets the start timeout this machine needs)
+    from flows.sweep import sweep_flow
+
+    shutil.copytree(processed, tmp_path / "data" / "processed")
+    params = sweep_params({"sweep.n_trials": 2})
+    with prefect_test_harness(server_startup_timeout=None):
+        summary = sweep_flow(repo=str(tmp_path), apply_best_values=True)
+    assert summary["n_complete"] == 2
+    assert load_params(params).train.lr == summary["best_params"]["train.lr"]
+    assert runs()[f"sweep-{STUDY}"].info.status == "FINISHED"
+
+
+def test_prefect_yaml_deploys_the_sweep_flow() -> None:
+    import yaml
+    from prefect.flows import load_flow_from_entrypoint
+
+    deployments = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
+    (deployment,) = [d for d in deployments if d["name"] == "sweep"]
+    cwd = Path.cwd()
+    os.chdir(REPO_ROOT)  # entrypoints are relative to the project
+    try:
+        loaded = load_flow_from_entrypoint(deployment["entrypoint"], use_placeholder_flow=False)
+    finally:
+        os.chdir(cwd)
+    assert loaded.name == "trackflow-sweep"
+    assert set(deployment["parameters"]) <= set(loaded.parameters.properties)

@@ -180,7 +180,7 @@ def recover_interrupted(study: optuna.Study, tracking: Tracking) -> list[int]:
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    from trackflow.tuning.trials import end_trial_run
+    from trackflow.tuning.trials import end_trial_runs
 
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -194,8 +194,7 @@ def recover_interrupted(study: optuna.Study, tracking: Tracking) -> list[int]:
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # it finished, or another process failed it first
-        if attrs.get("mlflow_run_id"):
-            end_trial_run(tracking, attrs["mlflow_run_id"], reason)
+        end_trial_runs(tracking, study.study_name, trial.number, reason)
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     queued = []

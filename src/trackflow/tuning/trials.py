@@ -239,8 +239,16 @@ class TrialOutcome:
         client.set_terminated(self.run_id, status=status)
 
 
-def end_trial_run(tracking: Tracking, run_id: str, reason: str) -> None:
-    """Mark a trial's run whose process died (a killed sweep) as failed and KILLED."""
+def end_trial_runs(tracking: Tracking, study_name: str, number: int, reason: str) -> None:
+    """Mark the runs of a trial whose process died (a killed sweep) as failed and KILLED.
+
+    Found by their tags: the process may have died before the trial recorded its run's id.
+    """
+    query = (
+        f"tags.`{SWEEP_TAG}study` = '{study_name}' and tags.`{SWEEP_TAG}trial` = '{number}' "
+        "and attributes.status = 'RUNNING'"
+    )
     tags = {SWEEP_TAG + "state": "failed", SWEEP_TAG + "fail_reason": reason}
-    set_tags(tracking, run_id, tags)
-    tracking.client.set_terminated(run_id, status="KILLED")
+    for run in tracking.client.search_runs([tracking.experiment_id], query):
+        set_tags(tracking, run.info.run_id, tags)
+        tracking.client.set_terminated(run.info.run_id, status="KILLED")
