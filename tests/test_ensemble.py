@@ -185,6 +185,7 @@ def test_the_train_stage_trains_members_as_child_runs_and_evaluate_reports_the_g
     assert all(c.info.status == "FINISHED" for c in children)
     assert run.data.tags["trackflow.ensemble_size"] == "2"
     assert run.data.tags["trackflow.ensemble_vote"] == ensemble["vote"]
+    assert f"ensemble of 2 ({ensemble['vote']} vote)" in run.data.tags["mlflow.note.content"]
     assert read_json("train.json").keys() == {"best_val_acc", "best_val_loss", "epochs"}
     assert run.data.metrics["train/best_val_acc"] == read_json("train.json")["best_val_acc"]
     assert run.data.metrics["train/epochs"] == sum(c.data.metrics["train/epochs"] for c in children)

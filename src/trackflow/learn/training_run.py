@@ -231,9 +231,12 @@ class TrainingRun:
     def summary(self) -> str:
         """One sentence of headline numbers, the stage's part of the run's description."""
         m = self.metrics
+        members = m.get(f"{self.name}/members")
+        vote = self.params.train.ensemble.vote if members else ""
         return (
             (f"{self.mode}, " if self.mode else "")
-            + f"{m[f'{self.name}/epochs']} epochs, best val loss "
+            + (f"ensemble of {members:g} ({vote} vote), " if members else "")
+            + f"{m[f'{self.name}/epochs']:g} epochs, best val loss "
             f"{m[f'{self.name}/best_val_loss']:.4f}, val acc {m[f'{self.name}/best_val_acc']:.4f}."
         )
 
