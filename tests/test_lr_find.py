@@ -136,3 +136,11 @@ def test_update_params_file_refuses_a_bad_value_and_leaves_the_file(tmp_path):
     assert path.read_text() == before
     with pytest.raises(ConfigError, match="does not exist"):
         update_params_file(tmp_path / "missing.yaml", {"train.lr": 0.1})
+
+
+@pytest.mark.parametrize("lr", [9.1e-06, 1e-05, 0.0035])
+def test_update_params_file_writes_rates_yaml_reads_back_as_floats(tmp_path, lr):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO_ROOT / "params.yaml").read_text())
+    update_params_file(path, {"train.lr": lr})
+    assert load_params(path).train.lr == lr
