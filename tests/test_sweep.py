@@ -260,7 +260,7 @@ def test_ctrl_c_stops_cleanly_and_a_killed_sweep_resumes(
     """Ctrl-C: exit 130, study intact. kill -9: the running trial is not counted, runs again."""
     import optuna
 
-    params = sweep_params({"sweep.n_trials": 3, "train.max_epochs": 4})
+    params = sweep_params({"sweep.n_trials": 3, "train.max_epochs": 3})
     process = _start(params, processed)
     _wait_for_complete(tmp_path, process, 1)
     process.send_signal(signal.SIGINT)

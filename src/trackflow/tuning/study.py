@@ -300,10 +300,27 @@ def run_sweep(
     )
 
 
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    from trackflow.tuning.trials import SweepInterrupted
+class _Interruption:
+    """Ctrl-C in a process running trials.
 
-    raise SweepInterrupted()
+    Inside a trial it stops the trial at once (the trial is marked interrupted and runs again on
+    resume); between trials the study stops before the next one.
+    """
+
+    requested = False
+    in_trial = False
+
+    @classmethod
+    def handle(cls, signum: int, frame: Any) -> None:
+        from trackflow.tuning.trials import SweepInterrupted
+
+        cls.requested = True
+        if cls.in_trial:
+            raise SweepInterrupted()
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    _Interruption.handle(signum, frame)
 
 
 def _optimize(
@@ -313,28 +330,41 @@ def _optimize(
     on_trial: TrialHook | None = None,
 ) -> bool:
     """Run trials in this process until the study's total is reached; True if interrupted."""
-    from trackflow.tuning.trials import SweepInterrupted, run_trial
+    from trackflow.tuning.trials import SweepInterrupted, TrialInterrupted, run_trial
 
     total = setup.params.sweep.n_trials
+    _Interruption.requested = False
     if counted_trials(study) >= total:
         return False
+
+    def objective(trial: optuna.Trial) -> float:
+        try:
+            if _Interruption.requested:
+                raise SweepInterrupted()
+            _Interruption.in_trial = True
+            return run_trial(setup, tracking, trial)
+        except SweepInterrupted:
+            trial.set_user_attr("interrupted", True)  # not counted; queued again on resume
+            raise TrialInterrupted() from None  # Optuna fails a trial on KeyboardInterrupt
+        finally:
+            _Interruption.in_trial = False
 
     def stop_at_total(study: optuna.Study, trial: Any) -> None:
         if on_trial is not None:
             on_trial(study, trial)
-        if counted_trials(study) + pending_trials(study) >= total:
+        if _Interruption.requested or counted_trials(study) + pending_trials(study) >= total:
             study.stop()
 
     try:
         study.optimize(
-            lambda trial: run_trial(setup, tracking, trial),
+            objective,
             timeout=setup.params.sweep.timeout_s,
             catch=(Exception,),
             callbacks=[stop_at_total],
         )
-    except SweepInterrupted:
+    except (SweepInterrupted, TrialInterrupted):
         return True
-    return False
+    return _Interruption.requested
 
 
 def worker_main(setup: SweepSetup) -> int:

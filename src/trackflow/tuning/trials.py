@@ -38,7 +38,14 @@ RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 
 
 class SweepInterrupted(BaseException):
-    """Ctrl-C (SIGINT) during a sweep: not an ``Exception``, so no trial swallows it."""
+    """Ctrl-C (SIGINT) during a trial: not an ``Exception``, so no code on the way swallows it.
+
+    Nor a ``KeyboardInterrupt``, which Lightning turns into ``sys.exit(1)``.
+    """
+
+
+class TrialInterrupted(KeyboardInterrupt):
+    """What the objective raises to Optuna after Ctrl-C: Optuna then marks the trial FAIL."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -115,7 +122,6 @@ def run_trial(setup: SweepSetup, tracking: Tracking, trial: optuna.Trial) -> flo
         outcome.finish("pruned", str(pruned), time.perf_counter() - start)
         raise
     except SweepInterrupted:
-        trial.set_user_attr("interrupted", True)
         outcome.finish("failed", "interrupted (Ctrl-C); a resumed sweep runs it again", None)
         raise
     except Exception as error:
