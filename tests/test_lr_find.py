@@ -112,15 +112,31 @@ def test_suggestion_is_the_steepest_fall_per_decade():
         steepest_fall(lrs[:12], losses[:12])
 
 
-def test_update_params_file_keeps_the_file_as_written(tmp_path):
+def test_update_params_file_changes_only_the_values_it_sets(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text((REPO_ROOT / "params.yaml").read_text())
-    before = path.read_text().splitlines()
-    update_params_file(path, {"train.lr": 0.0023, "model.widths": [512, 256]})
-    after = path.read_text().splitlines()
+    before = path.read_text().splitlines(keepends=True)
+    values = {"train.lr": 0.0023, "model.widths": [512, 256], "pretrain.schedule.gamma": 0.25}
+    update_params_file(path, values | {"pretrain.schedule.kind": "step"})
+    after = path.read_text().splitlines(keepends=True)
     changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
-    assert [b.split("#")[0].strip() for _, b in changed] == ["widths: [512, 256]", "lr: 0.0023"]
-    assert all(a.split("#", 1)[1:] == b.split("#", 1)[1:] for a, b in changed)  # comments kept
+    assert [b.split("#")[0].strip() for _, b in changed] == [
+        "widths: [512, 256]",
+        "schedule: {kind: step, step_size: 10, gamma: 0.25, decay_rate: 0.1}",
+        "lr: 0.0023",
+    ]
+    for a, b in changed:  # a comment after the value stays, in its column
+        assert a.split("#", 1)[1:] == b.split("#", 1)[1:] and a.find("#") == b.find("#")
+
+
+def test_update_params_file_rewrites_a_value_of_several_lines_keeping_comments(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("# my params\nmodel:\n  widths:   # hidden layers\n    - 64\n    - 32\n")
+    update_params_file(path, {"model.widths": [16], "train.lr": 0.01})
+    text = path.read_text()
+    assert "# my params" in text and "# hidden layers" in text
+    params = load_params(path)
+    assert params.model.widths == (16,) and params.train.lr == 0.01
 
 
 def test_update_params_file_refuses_a_bad_value_and_leaves_the_file(tmp_path):
