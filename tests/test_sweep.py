@@ -186,10 +186,13 @@ def test_trials_are_child_runs_and_a_failed_one_does_not_stop_the_sweep(
     assert "sweep/param_importances.png" in artifacts
 
     # The study is complete: running again only applies the best values, comments kept.
-    assert sweep(params, processed, "--apply") == 0
+    assert sweep(params, processed, "--apply", "--top", "2") == 0
     assert len(load_study(tmp_path).trials) == 3
     applied = load_params(params)
     assert applied.train.lr == study.best_trial.params["train.lr"]
+    members = applied.train.ensemble.members
+    assert members[0] == study.best_trial.params  # all train.* keys
+    assert len(members) == min(2, len(study.trials) - len(failed))
     assert "# finetune | feature_extraction | scratch" in params.read_text()
     assert params.read_text() != text_before
     assert "dvc repro" in capsys.readouterr().out

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> None:
 def _print_summary(summary: dict[str, Any], metric: str) -> None:
     counts = (
         f"{summary['n_complete']} complete, {summary['n_pruned']} pruned, "
-        f"{summary['n_failed']} failed"
+        f"{summary['n_failed']} failed, {summary['n_interrupted']} interrupted (run again)"
     )
     print(f"study {summary['study']}: {counts}")
     if summary["best_params"] is not None:

@@ -2,6 +2,7 @@
 
 ``space`` turns the validated search space into Optuna distributions and a trial's params
 overrides; ``trials`` trains one trial through the train stage's code; ``study`` runs or resumes a
-study in one or several processes; ``report`` writes the study's summary to the parent run;
-``apply`` writes the best trial's values into ``params.yaml``. Importable without Prefect.
+study in one or several processes; ``report`` shows progress and writes the study's summary to the
+parent run; ``runner`` is what ``trackflow sweep`` and ``flows/sweep.py`` call, including writing
+the best trial's values into ``params.yaml``. Importable without Prefect.
 """

@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -44,10 +45,15 @@ def ranked_values(study: optuna.Study, sweep: SweepConfig, top: int) -> list[dic
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
-    """Trials per state, lower-case: complete, pruned, fail, running, waiting."""
+    """Trials per state, lower-case: complete, pruned, fail, interrupted, running, waiting.
+
+    ``interrupted``: failed because the sweep was stopped or killed (they run again on resume).
+    """
     counts: dict[str, int] = {}
     for trial in study.get_trials(deepcopy=False):
         name = trial.state.name.lower()
+        if name == "fail" and trial.user_attrs.get("interrupted"):
+            name = "interrupted"
         counts[name] = counts.get(name, 0) + 1
     return counts
 
@@ -106,11 +112,13 @@ def log_study(
         "n_complete": counts.get("complete", 0),
         "n_pruned": counts.get("pruned", 0),
         "n_failed": counts.get("fail", 0),
+        "n_interrupted": counts.get("interrupted", 0),
         "best_trial": study.best_trial.number if best is not None else None,
         "best_value": study.best_trial.value if best is not None else None,
         "best_params": best,
     }
-    metrics = {f"sweep/{k}": summary[k] for k in ("n_complete", "n_pruned", "n_failed")}
+    counted = ("n_complete", "n_pruned", "n_failed", "n_interrupted")
+    metrics = {f"sweep/{k}": summary[k] for k in counted}
     if best is not None:
         metrics |= {f"sweep/{k}": summary[k] for k in ("best_trial", "best_value")}
         tags = {SWEEP_TAG + "best." + key: yaml_text(value) for key, value in best.items()}
@@ -131,7 +139,7 @@ def describe(summary: dict[str, Any], sweep: SweepConfig) -> str:
     """The parent run's description: counts, the best trial, how to resume and apply."""
     counts = (
         f"{summary['n_complete']} complete, {summary['n_pruned']} pruned, "
-        f"{summary['n_failed']} failed"
+        f"{summary['n_failed']} failed, {summary['n_interrupted']} interrupted"
     )
     text = f"study `{summary['study']}`: {counts} (of {sweep.n_trials})."
     if summary["best_params"] is not None:
@@ -179,7 +187,9 @@ def _draw_importances(study: optuna.Study, path: Path) -> None:
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(7, 4))
     try:
-        importances = optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings():  # "too few trials": the figure says so instead
+            warnings.simplefilter("ignore", UserWarning)
+            importances = optuna.importance.get_param_importances(study)
     except (RuntimeError, ValueError) as exc:  # too few trials, or no variation
         importances, reason = {}, str(exc)
     else:
