@@ -16,6 +16,7 @@ from trackflow.io import read_json
 from trackflow.learn.anomaly import (
     SPACES,
     AnomalySets,
+    GaussianMixtureDetector,
     IsolationForestDetector,
     KNNDetector,
     MahalanobisDetector,
@@ -34,6 +35,7 @@ DETECTORS = [
     MahalanobisDetector(),
     PCAReconstructionDetector(variance=0.9, random_state=0),
     IsolationForestDetector(random_state=0),
+    GaussianMixtureDetector(n_components=3, reg_covar=0.01, random_state=0),
 ]
 
 

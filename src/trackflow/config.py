@@ -439,7 +439,13 @@ class EvaluateConfig(_Section):
 
 
 DetectorName = Literal[
-    "knn", "mahalanobis", "pca_reconstruction", "isolation_forest", "knn_raw", "knn_shifted"
+    "knn",
+    "mahalanobis",
+    "pca_reconstruction",
+    "isolation_forest",
+    "knn_raw",
+    "knn_shifted",
+    "gaussian_mixture",
 ]
 
 
@@ -447,7 +453,15 @@ class AnomalyConfig(_Section):
     """Detectors of inputs unlike the target training data, fitted on its training rows only."""
 
     detectors: tuple[DetectorName, ...] = Field(
-        ("knn", "mahalanobis", "pca_reconstruction", "isolation_forest", "knn_raw", "knn_shifted"),
+        (
+            "knn",
+            "mahalanobis",
+            "pca_reconstruction",
+            "isolation_forest",
+            "knn_raw",
+            "knn_shifted",
+            "gaussian_mixture",
+        ),
         min_length=1,
         description="Detectors fitted and compared; knn_shifted needs image rows (square width).",
     )
@@ -465,6 +479,10 @@ class AnomalyConfig(_Section):
     knn_neighbors: PositiveInt = 5
     knn_shift: PositiveInt = Field(
         1, description="knn_shifted: training images also remembered moved this many pixels."
+    )
+    mixture_components: PositiveInt = Field(20, description="gaussian_mixture: components.")
+    mixture_reg: float = Field(
+        8.0, gt=0, description="gaussian_mixture: added to covariance diagonals (raw units^2)."
     )
     pca_variance: float = Field(
         0.9, gt=0, lt=1, description="Variance kept by the reconstruction detector's PCA."

@@ -1,15 +1,16 @@
 """Anomaly: detectors fitted on healthy target training rows, tested on anomalies none of them saw.
 
 Each detector in ``anomaly.detectors`` is fitted on the target training rows (in the network's
-embedding, or the scaled features before PCA), and its threshold set on the target validation
-rows at ``anomaly.target_fpr``. Held-out anomalies: the source task's classes, and target rows
-corrupted by Gaussian noise, inverted intensities, constant rows and feature scaling (corrupted
-in raw feature space, then preprocessed like any input). Validation anomalies choose the detector
-saved to ``--detector-out``; test anomalies give AUROC, AUPRC and recall at the threshold, per
-anomaly type and overall, for every detector: in ``all_metrics.json`` and ``detectors.csv`` in
-``--plots`` beside the figures, and on the train run. ``--metrics`` (what ``dvc metrics show``
-prints) holds the saved detector's test AUROC on all held-out anomalies, on the real ones (classes
-of the source task) and on the corruption it catches worst.
+embedding, the scaled features before PCA, or the raw features), and its threshold set on the
+target validation rows at ``anomaly.target_fpr``. Held-out anomalies: the source task's classes,
+and target rows corrupted by Gaussian noise, inverted intensities, constant rows and feature
+scaling (corrupted in raw feature space, then preprocessed like any input). Validation anomalies
+choose the detector saved to ``--detector-out`` (``anomaly.detector: best``: the highest AUROC on
+the kind of validation anomaly it detects worst); test anomalies give AUROC, AUPRC and recall at
+the threshold, per anomaly type and overall, for every detector: in ``all_metrics.json`` and
+``detectors.csv`` in ``--plots`` beside the figures, and on the train run. ``--metrics`` (what
+``dvc metrics show`` prints) holds the saved detector's test AUROC on all held-out anomalies, on
+the real ones (classes of the source task) and on the corruption it catches worst.
 """
 
 from __future__ import annotations
