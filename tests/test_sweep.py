@@ -338,3 +338,23 @@ def test_prefect_yaml_deploys_the_sweep_flow() -> None:
         os.chdir(cwd)
     assert loaded.name == "trackflow-sweep"
     assert set(deployment["parameters"]) <= set(loaded.parameters.properties)
+
+
+@pytest.mark.slow
+def test_a_trial_searching_model_keys_pretrains_its_own_backbone(
+    sweep_params: Callable[..., Path], processed: Path
+) -> None:
+    params = sweep_params(
+        {
+            "train.mode": "finetune",
+            "sweep.n_trials": 1,
+            "sweep.space": {"model.dropout": {"uniform": [0.1, 0.2]}},
+        }
+    )
+    assert sweep(params, processed, "--backbone", "no-such-backbone.pt") == 0
+    found = runs()
+    trial = found[f"sweep-{STUDY}-trial-000"]
+    pretrain = found[f"sweep-{STUDY}-trial-000-pretrain"]
+    assert pretrain.data.tags["mlflow.parentRunId"] == trial.info.run_id
+    assert trial.data.tags["trackflow.sweep.state"] == "complete"
+    assert trial.data.tags["trackflow.backbone_source"].endswith("backbone.pt")

@@ -35,11 +35,15 @@ class SweepRun:
 
 
 def require_workspace(params: Params, data_dir: Path, backbone: Path) -> None:
-    """Refuse to start without the preprocessed data (and the backbone the plan needs)."""
+    """Refuse to start without the preprocessed data (and the backbone the plan needs).
+
+    Trials that search ``model.*`` or ``pretrain.*`` keys pretrain their own backbone.
+    """
     from trackflow.learn.transfer import transfer_plan
 
     missing = [] if (data_dir / "meta.json").is_file() else [str(data_dir)]
-    if transfer_plan(params.train).needs_pretrain_output and not backbone.is_file():
+    own = any(key.startswith(("model.", "pretrain.")) for key in params.sweep.space)
+    if transfer_plan(params.train).needs_pretrain_output and not own and not backbone.is_file():
         missing.append(str(backbone))
     if missing:
         raise DataError(f"{' and '.join(missing)} missing: run dvc repro pretrain first")
