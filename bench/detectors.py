@@ -8,7 +8,7 @@ detector the stage kept (``anomaly.detector: best``, chosen on validation rows o
 reference, plain kNN (5 neighbours) on the raw features, is fitted here on the same rows.
 Medians over the seeds, then each seed's value.
 
-    python bench/detectors.py --seeds 42 43 44
+    python bench/detectors.py --seeds 42 43 44 [--configs mlp cnn]
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 from common import add_overrides_option, parse_overrides, run, scratch
 
 CONFIGS = {
-    "mlp on PCA (default)": {},
-    "cnn, PCA off": {"model.backbone": "cnn", "preprocess.pca.n_components": None},
+    "mlp": ("mlp on PCA (default)", {}),
+    "cnn": ("cnn, PCA off", {"model.backbone": "cnn", "preprocess.pca.n_components": None}),
 }
 REFERENCE = "reference: kNN on raw features"
 
@@ -71,9 +71,10 @@ def measure(seed: int, overrides: dict) -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
-    add_overrides_option(parser, "--set", "params (both configurations)")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    add_overrides_option(parser, "--set", "params (every configuration)")
     args = parser.parse_args()
-    for label, overrides in CONFIGS.items():
+    for label, overrides in (CONFIGS[name] for name in args.configs):
         runs = [measure(seed, {**overrides, **parse_overrides(args.set)}) for seed in args.seeds]
         saved = ", ".join(r["saved"].pop("name") for r in runs)
         print(f"\n{label}: test AUROC, seeds {args.seeds}; saved: {saved}")
