@@ -258,3 +258,16 @@ def test_headline_has_the_same_keys_without_a_source_task() -> None:
         "auroc_real": None,
         "auroc_worst_corruption": 0.8,
     }
+
+
+def test_knn_shifted_is_left_out_of_tables_that_are_not_square_images(caplog) -> None:
+    from trackflow.config import AnomalyConfig
+    from trackflow.errors import ConfigError
+    from trackflow.learn.anomaly import readable_detectors
+
+    config = AnomalyConfig()
+    assert "knn_shifted" in readable_detectors(config, 64)
+    assert "knn_shifted" not in readable_detectors(config, 30)
+    assert "knn_shifted left out" in caplog.text
+    with pytest.raises(ConfigError, match="30 features are not"):
+        readable_detectors(AnomalyConfig(detectors=("knn_shifted",), detector="knn_shifted"), 30)

@@ -8,6 +8,7 @@ validation rows, at a target false-positive rate (:func:`calibrate_threshold`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,10 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
+
+from trackflow.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: Which representation of a row each detector reads: the network's ``embedding``; the ``scaled``
 #: features (the preprocessor without its PCA step: a reconstruction error needs the directions
@@ -106,6 +111,35 @@ class ShiftedKNNDetector(KNNDetector):
         return self
 
 
+def is_square(width: int) -> bool:
+    """Whether rows of ``width`` features can be read as one square image."""
+    side = round(np.sqrt(width))
+    return side * side == width
+
+
+def readable_detectors(config: Any, width: int) -> list[str]:
+    """The configured detectors that can read rows of ``width`` raw features.
+
+    ``knn_shifted`` reads rows as square images: on other tables it is left out with a warning
+    (it is among the defaults), unless ``anomaly.detector`` names it.
+
+    Raises:
+        ConfigError: ``anomaly.detector`` names a detector that cannot read the rows, or none can.
+    """
+    names = list(config.detectors)
+    if "knn_shifted" in names and not is_square(width):
+        if config.detector == "knn_shifted":
+            raise ConfigError(
+                f"anomaly.detector knn_shifted reads rows as square images; {width} features "
+                "are not: choose another detector"
+            )
+        log.warning("anomaly: knn_shifted left out: %d features are not a square image", width)
+        names.remove("knn_shifted")
+    if not names:
+        raise ConfigError("anomaly.detectors: none of them can read these rows; add knn or knn_raw")
+    return names
+
+
 def shifted_images(X: np.ndarray, shift: int) -> np.ndarray:
     """Rows of square images and their copies moved ``shift`` pixels each way.
 
@@ -120,7 +154,7 @@ def shifted_images(X: np.ndarray, shift: int) -> np.ndarray:
         ValueError: The rows' width is not a square number.
     """
     side = round(np.sqrt(X.shape[1]))
-    if side * side != X.shape[1]:
+    if not is_square(X.shape[1]):
         raise ValueError(
             f"knn_shifted reads rows as square images; {X.shape[1]} features are not; "
             "leave knn_shifted out of anomaly.detectors"
@@ -395,7 +429,7 @@ def evaluate_detectors(
         return represent(rows, space, preprocessor, network)
 
     detectors, val_auroc, metrics, scores = {}, {}, {}, {}
-    for name in config.detectors:
+    for name in readable_detectors(config, sets.train.shape[1]):
         space = SPACES[name]
         detector = build_detector(name, config, seed).fit(inputs(space, sets.train))
         calibrate_threshold(detector, inputs(space, sets.val), config.target_fpr)
