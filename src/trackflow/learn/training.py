@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
     from trackflow.tracking import Tracking
 
 log = logging.getLogger(__name__)
+
+# Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, on every fit: nothing a user
+# can act on, and repeated once per sweep trial (each `catch_warnings` resets Python's "once").
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class FeatureDataModule(pl.LightningDataModule):
