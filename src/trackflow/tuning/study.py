@@ -300,27 +300,11 @@ def run_sweep(
     )
 
 
-class _Interruption:
-    """Ctrl-C in a process running trials.
-
-    Inside a trial it stops the trial at once (the trial is marked interrupted and runs again on
-    resume); between trials the study stops before the next one.
-    """
-
-    requested = False
-    in_trial = False
-
-    @classmethod
-    def handle(cls, signum: int, frame: Any) -> None:
-        from trackflow.tuning.trials import SweepInterrupted
-
-        cls.requested = True
-        if cls.in_trial:
-            raise SweepInterrupted()
-
-
 def _raise_interrupted(signum: int, frame: Any) -> None:
-    _Interruption.handle(signum, frame)
+    """SIGINT: ask the running trial to stop at its next batch (never inside a storage write)."""
+    from trackflow.tuning.trials import INTERRUPTED
+
+    INTERRUPTED.set()
 
 
 def _optimize(
@@ -330,29 +314,26 @@ def _optimize(
     on_trial: TrialHook | None = None,
 ) -> bool:
     """Run trials in this process until the study's total is reached; True if interrupted."""
-    from trackflow.tuning.trials import SweepInterrupted, TrialInterrupted, run_trial
+    from trackflow.tuning.trials import INTERRUPTED, SweepInterrupted, TrialInterrupted, run_trial
 
     total = setup.params.sweep.n_trials
-    _Interruption.requested = False
+    INTERRUPTED.clear()
     if counted_trials(study) >= total:
         return False
 
     def objective(trial: optuna.Trial) -> float:
         try:
-            if _Interruption.requested:
+            if INTERRUPTED.is_set():
                 raise SweepInterrupted()
-            _Interruption.in_trial = True
             return run_trial(setup, tracking, trial)
         except SweepInterrupted:
             trial.set_user_attr("interrupted", True)  # not counted; queued again on resume
             raise TrialInterrupted() from None  # Optuna fails a trial on KeyboardInterrupt
-        finally:
-            _Interruption.in_trial = False
 
     def stop_at_total(study: optuna.Study, trial: Any) -> None:
         if on_trial is not None:
             on_trial(study, trial)
-        if _Interruption.requested or counted_trials(study) + pending_trials(study) >= total:
+        if INTERRUPTED.is_set() or counted_trials(study) + pending_trials(study) >= total:
             study.stop()
 
     try:
@@ -364,7 +345,7 @@ def _optimize(
         )
     except (SweepInterrupted, TrialInterrupted):
         return True
-    return _Interruption.requested
+    return INTERRUPTED.is_set()
 
 
 def worker_main(setup: SweepSetup) -> int:

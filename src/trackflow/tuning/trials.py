@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,6 +47,28 @@ class SweepInterrupted(BaseException):
 
 class TrialInterrupted(KeyboardInterrupt):
     """What the objective raises to Optuna after Ctrl-C: Optuna then marks the trial FAIL."""
+
+
+#: Set by the sweep's SIGINT handler; the running trial stops at its next batch.
+INTERRUPTED = threading.Event()
+
+
+class StopOnInterrupt(Callback):
+    """Raise :class:`SweepInterrupted` at the first batch after Ctrl-C.
+
+    Raising from the signal handler itself could abort a storage write halfway (and leave a SQLite
+    lock behind); a batch boundary is a safe place.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        """Stop here if Ctrl-C was pressed."""
+        if INTERRUPTED.is_set():
+            raise SweepInterrupted()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        """Stop here if Ctrl-C was pressed."""
+        if INTERRUPTED.is_set():
+            raise SweepInterrupted()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -176,7 +199,7 @@ class TrialOutcome:
         sweep = self.setup.params.sweep
         params = trial_params(self.setup.params, self.values)
         plan = transfer_plan(params.train)
-        callbacks = [StopOnNonFiniteLoss(), *self._pruning()]
+        callbacks = [StopOnInterrupt(), StopOnNonFiniteLoss(), *self._pruning()]
         training = TrainingRun(
             params,
             params.train,
