@@ -274,16 +274,18 @@ class AugmentConfig(_Section):
 class OptimizationConfig(_Section):
     """How a model is fitted; shared by the pretrain and train sections.
 
-    The defaults are the train section's; :class:`PretrainConfig` states the ones it changes.
+    The defaults are the train section's, the best trial of a sweep of its keys (``trackflow
+    sweep`` on the default data; docs/tuning.md); :class:`PretrainConfig` states the ones it
+    changes.
     """
 
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(3e-3, gt=0, description="Learning rate of the head (and of a new model).")
+    lr: float = Field(0.005132, gt=0, description="Learning rate of the head (and of a new model).")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only.")
-    weight_decay: float = Field(0.0, ge=0, description="L2 penalty.")
+    weight_decay: float = Field(0.001647, ge=0, description="L2 penalty.")
     schedule: ScheduleConfig = ScheduleConfig()
-    batch_size: PositiveInt = 64
-    max_epochs: PositiveInt = 60
+    batch_size: PositiveInt = 32
+    max_epochs: PositiveInt = 100
     early_stopping_patience: PositiveInt | None = Field(
         10, description="Epochs without a lower val/loss before stopping; null = off."
     )
@@ -291,7 +293,7 @@ class OptimizationConfig(_Section):
         None, gt=0, description="Clip gradient norm; null = off."
     )
     deterministic: bool = Field(True, description="Same params + same data => same metrics.")
-    augment: AugmentConfig = AugmentConfig()
+    augment: AugmentConfig = AugmentConfig(noise=0.2373)
     trainer: TrainerConfig = TrainerConfig()
 
 
@@ -299,7 +301,10 @@ class PretrainConfig(OptimizationConfig):
     """Training of backbone + head on the source task."""
 
     lr: float = Field(1e-3, gt=0, description="Learning rate of backbone and head.")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty.")
+    batch_size: PositiveInt = 64
     max_epochs: PositiveInt = 20
+    augment: AugmentConfig = AugmentConfig()
 
 
 class EnsembleConfig(_Section):
@@ -392,7 +397,7 @@ class TrainConfig(OptimizationConfig):
         description="'pretrained' (the pretrain stage's output), 'models:/NAME@ALIAS', "
         "'models:/NAME/VERSION', 'runs:/RUN_ID/PATH', or null (only with mode: scratch).",
     )
-    backbone_lr_ratio: float = Field(0.1, gt=0, le=1)
+    backbone_lr_ratio: float = Field(0.8908, gt=0, le=1)
     unfreeze_at_epoch: NonNegativeInt = Field(
         0, description="finetune: epoch at which the backbone starts training (frozen before)."
     )
@@ -715,7 +720,13 @@ def _space_values(key: str, spec: Any, sampler: str) -> list[Any]:
     if not (isinstance(value, list) and len(value) == 2) or not all(
         isinstance(v, int | float) and not isinstance(v, bool) for v in value
     ):
-        raise ValueError(f"{dist} needs [low, high], two numbers, got {value!r}")
+        texts = [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+        hint = (
+            f"; YAML reads {texts[0]} as text: write it with a dot, e.g. 1.0e-6"
+            if any("e" in t.lower() for t in texts)
+            else ""
+        )
+        raise ValueError(f"{dist} needs [low, high], two numbers, got {value!r}{hint}")
     low, high = value
     if low > high:
         raise ValueError(f"{dist}: low {low} is above high {high}")
