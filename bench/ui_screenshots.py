@@ -11,8 +11,9 @@ batches sit in their own experiment. It
    N(0, 3) noise clipped to 0..16 (the batch that must be flagged as drifted);
 2. starts ``mlflow server --workers 1`` on that store, on loopback only;
 3. takes headless Chromium screenshots (Debian: ``apt-get install -y chromium``) of the candidates'
-   runs table and charts, the compare view of the candidates, the scoring experiment's runs table
-   and the registered version's page (its "Source run").
+   runs table and charts, the compare view of the candidates, the scoring experiment's runs table,
+   the registered version's page (its "Source run"), and a sweep of 8 trials (``trackflow sweep``):
+   its runs, nested under the parent, and the parent run's page.
 
     python bench/ui_screenshots.py --out /tmp/ui           # PNGs and the store's folder path
     python bench/ui_screenshots.py --out /tmp/ui --store /tmp/ui/store --skip-runs  # again
@@ -83,6 +84,15 @@ def build_store(folder: Path, epochs: int) -> None:
         set_params(folder, {"train.mode": mode})
         run("train", "evaluate", "anomaly", "register")
     score_batches(folder)
+    sweep(folder)
+
+
+def sweep(folder: Path) -> None:
+    """A small sweep with ``trackflow sweep``: a parent run and its trials, nested."""
+    from trackflow.cli import main as cli
+
+    if cli(["sweep", "--params", "params.yaml", "--n-trials", "8", "--study", "ui-sweep"]) != 0:
+        sys.exit(f"the sweep in {folder} failed")
 
 
 def score_batches(folder: Path) -> None:
@@ -162,6 +172,9 @@ def pages(url: str, experiment: str) -> dict[str, str]:
     trained = [
         r["info"]["run_id"] for r in found["runs"] if r["info"]["run_name"].startswith("train-")
     ]
+    sweep_run = next(
+        r["info"]["run_id"] for r in found["runs"] if r["info"]["run_name"] == "sweep-ui-sweep"
+    )
     scored = api(url, "runs/search", {"experiment_ids": [scoring["experiment_id"]]})["runs"]
     noisy = next(r["info"]["run_id"] for r in scored if "noisy" in r["info"]["run_name"])
     runs = urllib.parse.quote(json.dumps(trained))
@@ -176,6 +189,9 @@ def pages(url: str, experiment: str) -> dict[str, str]:
         "model_version.png": f"{url}/#/models/trackflow/versions/1",
         "scoring_runs.png": scoring_page,
         "scoring_run_noisy.png": f"{scoring_page}/{noisy}",
+        "sweep_runs.png": f"{experiment_page}?searchFilter="
+        + urllib.parse.quote("tags.`trackflow.sweep.study` = 'ui-sweep'"),
+        "sweep_run.png": f"{experiment_page}/{sweep_run}",
     }
 
 

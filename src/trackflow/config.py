@@ -618,10 +618,13 @@ class SweepConfig(_Section):
 
     space: dict[str, dict[str, Any]] = Field(
         {
-            "train.lr": {"log_uniform": [1e-4, 1e-2]},
-            "train.backbone_lr_ratio": {"log_uniform": [0.01, 1.0]},
+            "train.lr": {"log_uniform": [3e-4, 1e-2]},
+            "train.backbone_lr_ratio": {"log_uniform": [0.1, 1.0]},
             "train.weight_decay": {"log_uniform": [1e-6, 1e-2]},
             "train.batch_size": {"choice": [32, 64, 128]},
+            "train.max_epochs": {"choice": [60, 100]},
+            "train.augment.noise": {"uniform": [0.0, 0.3]},
+            "train.augment.mixup": {"choice": [0.0, 0.2]},
         },
         description="Dotted keys of model.*, pretrain.* or train.* to a distribution: "
         "{log_uniform: [lo, hi]}, {uniform: [lo, hi]}, {int: [lo, hi]} (optional step: N), "
