@@ -110,7 +110,9 @@ def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Returns the ``processed`` folder; ``split`` and ``models/preprocessor.joblib`` sit beside it.
     """
     folder = tmp_path_factory.mktemp("data")
-    params = write_project_params(folder / "params.yaml", {"preprocess.pca.n_components": 16})
+    params = write_project_params(
+        folder / "params.yaml", {"preprocess.pca.n_components": 16, "model.backbone": "mlp"}
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder}/mlflow.db")
         patch.chdir(folder)

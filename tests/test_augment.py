@@ -154,7 +154,8 @@ def test_calling_before_fit_is_an_error() -> None:
 
 @pytest.mark.parametrize("stage", ["pretrain", "train"])
 def test_image_moves_with_pca_on_are_refused_naming_the_keys(write_params, stage: str) -> None:
-    params = write_params({f"{stage}.augment.rotate": 10, "preprocess.pca.n_components": 16})
+    overrides = {"preprocess.pca.n_components": 16, "model.backbone": "mlp"}
+    params = write_params({f"{stage}.augment.rotate": 10, **overrides})
     with pytest.raises(ConfigError) as error:
         load_params(params)
     message = str(error.value)

@@ -98,14 +98,17 @@ def test_bad_choice_names_the_allowed_values() -> None:
 
 @pytest.mark.parametrize(("value", "kind"), [(16, int), (0.9, float), (None, type(None))])
 def test_pca_components_accept_int_fraction_or_null(value: object, kind: type) -> None:
-    n_components = validate_params({"preprocess": {"pca": {"n_components": value}}}).preprocess
+    raw = {"preprocess": {"pca": {"n_components": value}}, "model": {"backbone": "mlp"}}
+    n_components = validate_params(raw).preprocess
     assert type(n_components.pca.n_components) is kind
 
 
 @pytest.mark.parametrize("value", [0, -3, 1.0, 1.5, "many", True])
 def test_pca_components_refuse_other_values(value: object) -> None:
     with pytest.raises(ConfigError, match=r"preprocess\.pca\.n_components"):
-        validate_params({"preprocess": {"pca": {"n_components": value}}})
+        validate_params(
+            {"preprocess": {"pca": {"n_components": value}}, "model": {"backbone": "mlp"}}
+        )
 
 
 def test_classes_in_both_tasks_are_refused() -> None:
@@ -166,7 +169,8 @@ def test_missing_and_malformed_files_are_config_errors(tmp_path) -> None:
 
 def test_overrides_apply_before_validation(write_params) -> None:
     path = write_params()
-    params = load_params(path, {"preprocess.pca.n_components": 8, "base.seed": 1})
+    overrides = {"preprocess.pca.n_components": 8, "model.backbone": "mlp", "base.seed": 1}
+    params = load_params(path, overrides)
     assert params.preprocess.pca.n_components == 8
     assert params.base.seed == 1
     with pytest.raises(ConfigError, match=r"unknown key 'preprocess\.pca\.whitening'"):
@@ -175,7 +179,7 @@ def test_overrides_apply_before_validation(write_params) -> None:
 
 def test_flattened_params_use_dotted_keys() -> None:
     flat = flatten_params(Params())
-    assert flat["preprocess.pca.n_components"] == 0.95
+    assert flat["preprocess.pca.whiten"] is False
     assert flat["base.mlflow.experiment_name"] == "trackflow"
     assert flat["data.source_classes"] == [0, 1, 2, 3, 4]
 

@@ -88,7 +88,7 @@ def test_repro_skips_unchanged_stages_and_reruns_from_what_changed(repo: Path) -
     (repo / "params.yaml").write_text(valid)
     assert ran(sh("dvc", "repro", cwd=repo)) == []
 
-    edit_params(repo, {"preprocess.pca.n_components": 8})
+    edit_params(repo, {"preprocess.pca.n_components": 8, "model.backbone": "mlp"})
     assert ran(sh("dvc", "repro", cwd=repo)) == list(STAGES[2:])
     assert read_json(repo / "metrics/preprocess.json")["n_components"] == 8
     metrics = sh("dvc", "metrics", "show", "--json", cwd=repo)
@@ -123,6 +123,7 @@ def test_a_users_csv_runs_through_by_changing_params_only(repo: Path) -> None:
             "data.source_classes": None,
             "data.target_classes": None,
             "preprocess.pca.n_components": 0.9,
+            "model.backbone": "mlp",
             "train.mode": "scratch",
         },
     )
