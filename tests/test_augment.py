@@ -65,7 +65,7 @@ def test_only_training_batches_are_changed(processed: Path, tmp_path: Path) -> N
 
 def test_augmentation_is_off_when_every_setting_is_zero(processed: Path, tmp_path: Path) -> None:
     data = FeatureDataModule(processed, "target", "target", batch_size=64, seed=0)
-    config = OptimizationConfig(max_epochs=1, early_stopping_patience=None)
+    config = OptimizationConfig(max_epochs=1, early_stopping_patience=None, augment=AugmentConfig())
     data.setup()
     backbone = build_backbone(ModelConfig(widths=(16,)), data.n_features)
     module = ClassifierLitModule(backbone, build_head(16, len(data.classes)), config)
