@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -320,6 +321,8 @@ def _optimize(
     INTERRUPTED.clear()
     if counted_trials(study) >= total:
         return False
+    # One line per trial, not one per epoch of every trial: the curves are in each trial's run.
+    logging.getLogger("trackflow.learn.training").setLevel(logging.WARNING)
 
     def objective(trial: optuna.Trial) -> float:
         try:
