@@ -458,15 +458,7 @@ class AnomalyConfig(_Section):
     """Detectors of inputs unlike the target training data, fitted on its training rows only."""
 
     detectors: tuple[DetectorName, ...] = Field(
-        (
-            "knn",
-            "mahalanobis",
-            "pca_reconstruction",
-            "isolation_forest",
-            "knn_raw",
-            "knn_shifted",
-            "gaussian_mixture",
-        ),
+        get_args(DetectorName),  # every detector, in the order above
         min_length=1,
         description="Detectors fitted and compared; knn_shifted needs image rows (square width).",
     )
