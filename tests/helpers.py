@@ -67,6 +67,22 @@ def copy_project(destination: Path) -> None:
             shutil.copy2(source, target)
 
 
+def prefect_deployment(name: str) -> tuple[dict[str, Any], Any]:
+    """``prefect.yaml``'s deployment ``name``, and the flow its entrypoint loads."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    deployments = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
+    (deployment,) = [d for d in deployments if d["name"] == name]
+    cwd = Path.cwd()
+    os.chdir(REPO_ROOT)  # entrypoints are relative to the project
+    try:
+        return deployment, load_flow_from_entrypoint(
+            deployment["entrypoint"], use_placeholder_flow=False
+        )
+    finally:
+        os.chdir(cwd)
+
+
 def train_argv(params: Path, data: Path, backbone: str = "backbone.pt") -> list[str]:
     """Arguments of the train stage: model.pt, train.json, train_run.json, train_history.csv."""
     return [

@@ -29,6 +29,7 @@ from tests.helpers import (
     REPO_ROOT,
     copy_project,
     dvc,
+    prefect_deployment,
     raw_rows,
     register_champion,
     write_project_params,
@@ -361,18 +362,9 @@ def test_params_come_back_byte_for_byte_and_an_interrupted_run_is_noticed(tmp_pa
 
 
 def test_prefect_yaml_deploys_the_training_flow_on_the_default_schedule() -> None:
-    from prefect.flows import load_flow_from_entrypoint
-
     from trackflow.pipeline.schedule import DEFAULT_CRON
 
-    deployments = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
-    (deployment,) = [d for d in deployments if d["name"] == "nightly"]
-    cwd = Path.cwd()
-    os.chdir(REPO_ROOT)  # entrypoints are relative to the project
-    try:
-        loaded = load_flow_from_entrypoint(deployment["entrypoint"], use_placeholder_flow=False)
-    finally:
-        os.chdir(cwd)
+    deployment, loaded = prefect_deployment("nightly")
     assert loaded.name == "trackflow-training"
     (schedule,) = deployment["schedules"]
     assert schedule["cron"] == DEFAULT_CRON  # the library's, which trackflow schedule uses

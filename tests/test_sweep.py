@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import FAST_TRAINING, REPO_ROOT
+from tests.helpers import FAST_TRAINING, REPO_ROOT, prefect_deployment
 from trackflow.cli import main as cli
 from trackflow.config import load_params, validate_params
 from trackflow.errors import ConfigError
@@ -325,17 +325,7 @@ def test_the_prefect_flow_runs_the_sweep_and_applies_it(
 
 
 def test_prefect_yaml_deploys_the_sweep_flow() -> None:
-    import yaml
-    from prefect.flows import load_flow_from_entrypoint
-
-    deployments = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
-    (deployment,) = [d for d in deployments if d["name"] == "sweep"]
-    cwd = Path.cwd()
-    os.chdir(REPO_ROOT)  # entrypoints are relative to the project
-    try:
-        loaded = load_flow_from_entrypoint(deployment["entrypoint"], use_placeholder_flow=False)
-    finally:
-        os.chdir(cwd)
+    deployment, loaded = prefect_deployment("sweep")
     assert loaded.name == "trackflow-sweep"
     assert set(deployment["parameters"]) <= set(loaded.parameters.properties)
 
