@@ -10,12 +10,14 @@ BIN := $(abspath $(VENV))/bin
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 SWEEP_ARGS ?=
+WORKERS ?= 2
+SERVICES_ARGS ?=
 
 # Stages call `python -m trackflow...`: the venv's interpreter must come first on PATH.
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run flow serve sweep test test-fast lint format lock clean
+.PHONY: install run flow serve sweep services services-down test test-fast lint format lock clean
 
 install: $(INSTALLED)
 
@@ -41,6 +43,15 @@ serve: install
 sweep: install
 	dvc repro pretrain
 	trackflow sweep $(SWEEP_ARGS)
+
+# The team services on this machine (docs/scale-out.md): PostgreSQL, an MLflow tracking server and
+# a Prefect server on it, $(WORKERS) Prefect workers; state in .services/. Then, in your shell,
+# `source .services/env.sh` and every command above runs against them. The data stays after down.
+services: install
+	trackflow services up --workers $(WORKERS) $(SERVICES_ARGS)
+
+services-down: install
+	trackflow services down
 
 test: install lint
 	pytest $(PYTEST_ARGS)

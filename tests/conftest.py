@@ -5,6 +5,7 @@ Plain helpers (paths, argv builders, the REST service's client) are in ``tests/h
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from tests.helpers import (
     FAST_TRAINING,
     OPEN_MODEL,
     POLL_S,
+    REPO_ROOT,
     TOKEN,
     Candidate,
     Registry,
@@ -30,6 +32,9 @@ from tests.helpers import (
     write_project_params,
 )
 
+#: Set by .ci/run: the ``services`` tests fail, not skip, when the services do not run.
+REQUIRE_SERVICES_ENV = "TRACKFLOW_REQUIRE_SERVICES"
+
 # Fixtures that start a server (or Prefect's API): a test using one is slow and must say so.
 SERVER_FIXTURES = {
     "prefect_api": "Prefect's test server",
@@ -40,18 +45,47 @@ SERVER_FIXTURES = {
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Refuse a test that starts a server through a fixture without the ``slow`` marker."""
+    """Refuse a test that starts a server through a fixture without the ``slow`` marker, or
+    that uses the services (``make services``) without the ``services`` one."""
     unmarked = [
         f"{item.nodeid} (uses {name}: {SERVER_FIXTURES[name]})"
         for item in items
         if item.get_closest_marker("slow") is None
         for name in sorted(SERVER_FIXTURES.keys() & set(getattr(item, "fixturenames", ())))
     ]
+    unmarked += [
+        f"{item.nodeid} (uses the services without @pytest.mark.services)"
+        for item in items
+        if "services" in getattr(item, "fixturenames", ())
+        and item.get_closest_marker("services") is None
+    ]
     if unmarked:
         raise pytest.UsageError(
-            "tests that start a server must be marked @pytest.mark.slow:\n  "
-            + "\n  ".join(unmarked)
+            "tests that start a server must be marked @pytest.mark.slow, those that use the "
+            "services @pytest.mark.services:\n  " + "\n  ".join(unmarked)
         )
+
+
+@pytest.fixture(scope="session")
+def services() -> dict[str, str]:
+    """The client environment of the services ``make services`` runs for this checkout.
+
+    Skips the test when they do not run, saying how to start them; fails instead under
+    ``TRACKFLOW_REQUIRE_SERVICES=1`` (.ci/run), where a skip would hide that CI tested nothing.
+    """
+    from trackflow.services.stack import DIR_ENV, Stack
+
+    stack = Stack(os.environ.get(DIR_ENV) or REPO_ROOT / ".services")
+    down = [s.name for s in stack.status() if not s.running]
+    if not (stack.folder / "stack.json").is_file() or down:
+        message = (
+            f"needs the services ({', '.join(down)} not running in {stack.folder}): "
+            "run `make services` first, then `make test` (CI does)"
+        )
+        if os.environ.get(REQUIRE_SERVICES_ENV) == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return stack.client_env()
 
 
 @pytest.fixture(autouse=True)

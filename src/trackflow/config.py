@@ -52,7 +52,9 @@ class MlflowConfig(_Section):
         description="MLflow tracking URI; the default is a SQLite store inside mlruns/.",
     )
     artifact_location: str = Field(
-        "mlruns/artifacts", description="Artifact root for experiments trackflow creates."
+        "mlruns/artifacts",
+        description="Artifact root for experiments trackflow creates; a local folder is used "
+        "with a local store only (a tracking server keeps them where it is told to).",
     )
     experiment_name: str = Field("trackflow", min_length=1)
 
@@ -645,8 +647,9 @@ class SweepConfig(_Section):
     )
     storage: str | None = Field(
         None,
-        description="Optuna storage, a SQLAlchemy URL; null = optuna.db beside a SQLite MLflow "
-        "store (sqlite:///mlruns/optuna.db), else sqlite:///mlruns/optuna.db.",
+        description="Optuna storage, a SQLAlchemy URL; TRACKFLOW_SWEEP_STORAGE overrides it. "
+        "null = optuna.db beside a SQLite MLflow store (sqlite:///mlruns/optuna.db), else "
+        "sqlite:///mlruns/optuna.db.",
     )
     study: str | None = Field(
         None,

@@ -85,7 +85,9 @@ def setup_tracking(config: MlflowConfig, experiment_name: str | None = None) -> 
 
     Returns a client bound to the store; the process-wide MLflow state is left alone. A local
     SQLite store gets its folder created; a new experiment stores its artifacts under
-    ``config.artifact_location`` (made absolute, so runs read back from any working directory).
+    ``config.artifact_location`` (made absolute, so runs read back from any working directory),
+    or, on a tracking server, where the server keeps them. A tracking server that does not answer
+    or refuses the credentials is one line of error (:func:`check_server`), not minutes of retries.
 
     Args:
         config: The store and the experiment of the candidates.
@@ -96,8 +98,11 @@ def setup_tracking(config: MlflowConfig, experiment_name: str | None = None) -> 
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(config)
+    shown = redact(uri)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if is_server(uri):
+        check_server(uri)
     # No mlflow.set_tracking_uri(): it also sets MLFLOW_TRACKING_URI for the whole process, which
     # would then override the params of every later set-up in it. The client carries the URI.
     try:
@@ -107,19 +112,68 @@ def setup_tracking(config: MlflowConfig, experiment_name: str | None = None) -> 
             experiment_id = experiment.experiment_id
         else:
             experiment_id = client.create_experiment(
-                experiment_name, artifact_location=_artifact_uri(config.artifact_location)
+                experiment_name, artifact_location=_artifact_uri(config.artifact_location, uri)
             )
     except Exception as exc:  # MLflow raises many kinds for a bad URI or an unreachable store
+        refused = _refusal(exc)
+        if refused:
+            raise ConfigError(f"the MLflow tracking server {shown} {refused}") from None
         if is_transient(exc):
             raise TrackingUnavailable(
-                f"the MLflow tracking store {uri!r} is busy or unreachable, try again: "
-                f"{type(exc).__name__}: {str(exc)[:500]}"
+                f"the MLflow tracking store {shown!r} is busy or unreachable, try again: "
+                f"{type(exc).__name__}: {redact(str(exc))[:500]}"
             ) from None
         raise ConfigError(
-            f"cannot use the MLflow tracking store {uri!r} (base.mlflow.tracking_uri, or "
-            f"MLFLOW_TRACKING_URI if set): {type(exc).__name__}: {exc}"
+            f"cannot use the MLflow tracking store {shown!r} (base.mlflow.tracking_uri, or "
+            f"MLFLOW_TRACKING_URI if set): {type(exc).__name__}: {redact(str(exc))}"
         ) from None
     return Tracking(client=client, tracking_uri=uri, experiment_id=experiment_id)
+
+
+#: What a server's refusal means, by MLflow's error code (basic-auth answers 401 and 403).
+_REFUSALS = {
+    "UNAUTHENTICATED": "refused the credentials (401): set MLFLOW_TRACKING_USERNAME and "
+    "MLFLOW_TRACKING_PASSWORD (`source .services/env.sh` for the services of `make services`)",
+    "PERMISSION_DENIED": "refused the request (403): the user MLFLOW_TRACKING_USERNAME has no "
+    "permission for it; an admin grants it (docs/scale-out.md)",
+}
+
+
+def _refusal(exc: BaseException) -> str | None:
+    return _REFUSALS.get(str(getattr(exc, "error_code", "")))
+
+
+def is_server(uri: str) -> bool:
+    """Whether a tracking URI names a tracking server (HTTP) rather than a store it opens."""
+    return uri.startswith(("http://", "https://"))
+
+
+def check_server(uri: str, timeout_s: float = 10) -> None:
+    """Fail at once, in one line, when a tracking server does not answer.
+
+    MLflow's client retries a refused connection for about two minutes before it gives up; a wrong
+    URL or a server that is not started deserves a quicker answer. The flows retry
+    :class:`TrackingUnavailable`.
+    """
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+    except requests.RequestException as exc:
+        reason = "no answer" if isinstance(exc, requests.Timeout) else "connection refused"
+        raise TrackingUnavailable(
+            f"the MLflow tracking server {redact(uri)} is unreachable ({reason}): is it "
+            "running (make services)? Check MLFLOW_TRACKING_URI or base.mlflow.tracking_uri"
+        ) from None
+
+
+#: The password of a URL's ``user:password@`` part.
+_URL_PASSWORD = re.compile(r"(\b[a-z][\w+.-]*://[^\s:/@]+:)[^\s@/]+@", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it masked: ``postgresql://u:***@host/db``."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 def scoring_experiment(config: MlflowConfig) -> str:
@@ -218,11 +272,12 @@ def fluent_tracking(tracking: Tracking) -> Iterator[None]:
 def log_params(tracking: Tracking, run_id: str, params: dict[str, Any]) -> None:
     """Log many params in one call (one ``log_param`` costs a round trip each).
 
-    Values are written as in ``params.yaml`` (:func:`yaml_text`): ``null``, ``true``, ``[32, 16]``.
+    Values are written as in ``params.yaml`` (:func:`yaml_text`): ``null``, ``true``, ``[32, 16]``;
+    a URL's password (a storage URL in params) is masked (:func:`redact`).
     """
     from mlflow.entities import Param
 
-    batch = [Param(key, yaml_text(value)) for key, value in params.items()]
+    batch = [Param(key, redact(yaml_text(value))) for key, value in params.items()]
     for start in range(0, len(batch), 100):  # MLflow takes at most 100 params per call
         tracking.client.log_batch(run_id, params=batch[start : start + 100])
 
@@ -279,7 +334,15 @@ def log_metrics(tracking: Tracking, run_id: str, metrics: dict[str, float], step
     )
 
 
-def _artifact_uri(location: str) -> str:
+def _artifact_uri(location: str, tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts.
+
+    A local folder is for a local store only: against a tracking server it would be a path on the
+    client's machine that no other machine (nor the server) can read, so the server's own
+    location (``mlflow-artifacts:``, proxied by ``--serve-artifacts``) is used instead.
+    """
     if "://" in location:
         return location
+    if is_server(tracking_uri):
+        return None
     return Path(location).absolute().as_uri()

@@ -58,7 +58,7 @@ def run_study(params: Params, data_dir: Path, backbone: Path, progress: bool = T
         backbone: The pretrain stage's backbone file.
         progress: Print progress on stderr (one updating line on a terminal, else one per trial).
     """
-    from trackflow.tracking import setup_tracking
+    from trackflow.tracking import redact, setup_tracking
     from trackflow.tuning.report import Progress, log_study
     from trackflow.tuning.study import (
         counted_trials,
@@ -82,7 +82,7 @@ def run_study(params: Params, data_dir: Path, backbone: Path, progress: bool = T
     if counted_trials(study) >= params.sweep.n_trials:
         print(f"study {name!r} is complete: {params.sweep.n_trials} trials", file=sys.stderr)
     else:
-        print(f"sweep {name!r}: storage {url}, MLflow run sweep-{name}", file=sys.stderr)
+        print(f"sweep {name!r}: storage {redact(url)}, MLflow run sweep-{name}", file=sys.stderr)
         reporter = Progress(params.sweep) if progress else None
         try:
             result = run_sweep(replace(setup, parent_run_id=parent), tracking, reporter)

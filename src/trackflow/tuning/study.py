@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trackflow.config import MlflowConfig, Params, SweepConfig
+from trackflow.errors import ConfigError, TrackingUnavailable
 from trackflow.io import read_json
 from trackflow.tracking import (
     Tracking,
+    is_transient,
     log_params,
+    redact,
     resolve_tracking_uri,
     setup_tracking,
     source_tags,
@@ -48,10 +51,14 @@ POLL_S = 1.0
 TrialHook = Callable[[Any, Any], None]
 
 
+#: The study storage of a shared set-up (``make services`` exports it); before ``sweep.storage``.
+STORAGE_ENV = "TRACKFLOW_SWEEP_STORAGE"
+
+
 def storage_url(config: SweepConfig, mlflow: MlflowConfig) -> str:
-    """The configured storage, or ``optuna.db`` beside a SQLite MLflow store."""
-    if config.storage:
-        return config.storage
+    """``TRACKFLOW_SWEEP_STORAGE``, else ``sweep.storage``, else optuna.db by a SQLite store."""
+    if os.environ.get(STORAGE_ENV) or config.storage:
+        return os.environ.get(STORAGE_ENV) or config.storage
     tracking = resolve_tracking_uri(mlflow)
     folder = Path("mlruns")
     if tracking.startswith("sqlite:///"):
@@ -85,13 +92,26 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # trackflow prints its own lines
     with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.8
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(
-            url,
-            engine_kwargs=kwargs,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=_retry(),
-        )
+        try:
+            return RDBStorage(
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=_retry(),
+            )
+        except Exception as exc:  # SQLAlchemy's and the driver's errors, by their text
+            text = " ".join(str(exc).split())
+            if is_transient(text):
+                raise TrackingUnavailable(
+                    f"the sweep's study storage {redact(url)} is unreachable, try again "
+                    f"(is its database server running? make services starts the local one): "
+                    f"{redact(text)[:300]}"
+                ) from None
+            raise ConfigError(
+                f"cannot open the sweep's study storage {redact(url)} (TRACKFLOW_SWEEP_STORAGE "
+                f"or sweep.storage): {type(exc).__name__}: {redact(text)[:300]}"
+            ) from None
 
 
 def _retry() -> Any:
@@ -234,21 +254,12 @@ def parent_run(tracking: Tracking, params: Params, name: str, storage: str) -> s
     tags = source_tags("trackflow.tuning") | {
         SWEEP_TAG + "role": "parent",
         SWEEP_TAG + "study": name,
-        SWEEP_TAG + "storage": _without_password(storage),
+        SWEEP_TAG + "storage": redact(storage),
         SWEEP_TAG + "metric": params.sweep.metric,
     }
     run = tracking.client.create_run(tracking.experiment_id, run_name=f"sweep-{name}", tags=tags)
     log_params(tracking, run.info.run_id, flatten_params(params))
     return run.info.run_id
-
-
-def _without_password(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy parses: Optuna will say so
-        return url
 
 
 # --- running the trials ---------------------------------------------------------------------------

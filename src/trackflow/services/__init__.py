@@ -1,0 +1,1 @@
+"""Local services for a team: PostgreSQL, an MLflow tracking server, a Prefect server, workers."""
