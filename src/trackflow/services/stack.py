@@ -216,12 +216,12 @@ class Stack:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / ".gitignore").write_text("*\n")  # nothing here is ever committed
         cluster = self.cluster(create=True)
+        self._check_ports(cluster)  # before starting anything: a taken port starts nothing
         lines = []
         made = postgres.ensure_cluster(cluster)
         if postgres.is_running(cluster):
             state = "running"
         else:
-            _check_port_free(self.settings.postgres_port, "--postgres-port")
             postgres.start(cluster)
             state = "created" if made else "started"
         postgres.wait_until_ready(cluster)
@@ -233,10 +233,8 @@ class Stack:
         waiting = []
         processes = self.processes(cluster)
         servers, workers = processes[:2], processes[2:]
-        ports = {"mlflow": self.settings.mlflow_port, "prefect": self.settings.prefect_port}
         for process in servers:
             if self.pid(process.name) is None:
-                _check_port_free(ports[process.name], f"--{process.name}-port")
                 waiting.append(self._start(process))
         for process, started in waiting:
             self._wait_healthy(process, started)
@@ -262,6 +260,17 @@ class Stack:
         )
         _write_private(self.folder / "env.sh", self.env_script())
         return lines
+
+    def _check_ports(self, cluster: Cluster) -> None:
+        """Fail, naming the port and its option, when a server to start finds its port taken."""
+        to_start = {
+            "--postgres-port": (self.settings.postgres_port, not postgres.is_running(cluster)),
+            "--mlflow-port": (self.settings.mlflow_port, self.pid("mlflow") is None),
+            "--prefect-port": (self.settings.prefect_port, self.pid("prefect") is None),
+        }
+        for option, (port, starting) in to_start.items():
+            if starting:
+                _check_port_free(port, option)
 
     def down(self) -> list[str]:
         """Stop the workers, the servers, then PostgreSQL; the data stays for the next ``up``."""

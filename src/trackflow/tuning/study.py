@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trackflow.config import MlflowConfig, Params, SweepConfig
-from trackflow.errors import ConfigError, TrackingUnavailable
+from trackflow.errors import ConfigError, TrackingUnavailable, shorten
 from trackflow.io import read_json
 from trackflow.tracking import (
     Tracking,
@@ -224,6 +225,9 @@ def recover_interrupted(study: optuna.Study, tracking: Tracking) -> list[int]:
         if interrupted and trial.number not in retried:
             _retry()(study, trial)
             queued.append(trial.number)
+            # A trial whose tracking server went away could not end its run: end it now.
+            reason = f"interrupted: {trial.user_attrs.get('fail_reason', 'its sweep stopped')}"
+            end_trial_runs(tracking, study.study_name, trial.number, reason)
     return queued
 
 
@@ -330,6 +334,7 @@ def _optimize(
 
     total = setup.params.sweep.n_trials
     INTERRUPTED.clear()
+    lost: list[BaseException] = []  # the tracking store went away: the sweep stops, resumable
     if counted_trials(study) >= total:
         return False
     # One line per trial, not one per epoch of every trial: the curves are in each trial's run.
@@ -343,6 +348,13 @@ def _optimize(
         except SweepInterrupted:
             trial.set_user_attr("interrupted", True)  # not counted; queued again on resume
             raise TrialInterrupted() from None  # Optuna fails a trial on KeyboardInterrupt
+        except Exception as error:
+            if not (isinstance(error, TrackingUnavailable) or is_transient(error)):
+                raise  # the trial's own failure: counted, the sweep goes on
+            # Not the trial's fault: every later trial would fail the same way and be counted.
+            trial.set_user_attr("interrupted", True)
+            lost.append(error)
+            raise TrialInterrupted() from None
 
     def stop_at_total(study: optuna.Study, trial: Any) -> None:
         if on_trial is not None:
@@ -358,8 +370,20 @@ def _optimize(
             callbacks=[stop_at_total],
         )
     except (SweepInterrupted, TrialInterrupted):
+        if lost:
+            raise _tracking_lost(setup, lost[0]) from None
         return True
     return INTERRUPTED.is_set()
+
+
+def _tracking_lost(setup: SweepSetup, error: BaseException) -> TrackingUnavailable:
+    """The sweep stopped because the tracking store (or the study's) went away mid-trial."""
+    text = redact(" ".join(str(error).split()))
+    return TrackingUnavailable(
+        f"sweep stopped: a trial lost its tracking store ({shorten(text, 240)}); study "
+        f"{setup.study_name!r} is intact in {redact(setup.storage_url)}: once the server is back, "
+        f"resume with `trackflow sweep --study {setup.study_name}`"
+    )
 
 
 def worker_main(setup: SweepSetup) -> int:
@@ -371,7 +395,12 @@ def worker_main(setup: SweepSetup) -> int:
     signal.signal(signal.SIGINT, _raise_interrupted)
     tracking = setup_tracking(setup.params.base.mlflow)
     study = load_study(setup)
-    return 130 if _optimize(study, setup, tracking) else 0
+    try:
+        interrupted = _optimize(study, setup, tracking)
+    except TrackingUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(TrackingUnavailable.exit_code)  # a spawned worker's status, for its parent
+    return 130 if interrupted else 0
 
 
 def _run_workers(study: optuna.Study, setup: SweepSetup, on_trial: TrialHook | None) -> bool:
@@ -414,4 +443,6 @@ def _run_workers(study: optuna.Study, setup: SweepSetup, on_trial: TrialHook | N
         time.sleep(POLL_S)
     for worker in workers:
         worker.join()
+    if any(worker.exitcode == TrackingUnavailable.exit_code for worker in workers):
+        raise _tracking_lost(setup, TrackingUnavailable("a worker's tracking store went away"))
     return interrupted or any(worker.exitcode == 130 for worker in workers)
