@@ -2,6 +2,7 @@
 # `make test`: set up (if needed), lint (ruff check, ruff format --check), then run the test suite;
 #   CI runs it from a clean clone (.ci/run). `make test-fast` skips the lint and the slow tests.
 # `make flow`, `make serve`: the pipeline as a Prefect flow; the REST service on the champion.
+# `make services`, `make services-down`: the team services on this machine (docs/scale-out.md).
 # Set-up creates .venv with the Python found as $(PYTHON) and installs the locked set of packages.
 
 PYTHON ?= python3

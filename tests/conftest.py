@@ -76,11 +76,14 @@ def services() -> dict[str, str]:
     from trackflow.services.stack import DIR_ENV, Stack
 
     stack = Stack(os.environ.get(DIR_ENV) or REPO_ROOT / ".services")
-    down = [s.name for s in stack.status() if not s.running]
-    if not (stack.folder / "stack.json").is_file() or down:
+    if not (stack.folder / "stack.json").is_file():
+        down = "never started"
+    else:
+        down = ", ".join(s.name for s in stack.status() if not s.running)
+    if down:
         message = (
-            f"needs the services ({', '.join(down)} not running in {stack.folder}): "
-            "run `make services` first, then `make test` (CI does)"
+            f"needs the services of {stack.folder} ({down}: not running): run "
+            "`make services` first, then `make test` (CI does)"
         )
         if os.environ.get(REQUIRE_SERVICES_ENV) == "1":
             pytest.fail(message)

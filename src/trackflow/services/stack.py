@@ -50,6 +50,8 @@ DATABASES = ["mlflow", "mlflow_auth", "prefect", "optuna"]
 #: Client variables whose values are secrets: shown masked, never printed.
 SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING", SWEEP_STORAGE_ENV)
 START_TIMEOUT_S = 180
+#: Seconds MLflow's basic-auth remembers a checked password (``auth_cache_ttl_seconds``).
+AUTH_CACHE_S = 60
 #: Prefect's command line, run by this environment's Python.
 PREFECT = [sys.executable, "-m", "prefect"]
 
@@ -195,7 +197,10 @@ class Stack:
         """MLflow's basic-auth settings: users and permissions in the ``mlflow_auth`` database.
 
         Every signed-in user may read every experiment and model (``default_permission = READ``);
-        editing takes a permission the admin grants (docs/scale-out.md).
+        editing takes a permission the admin grants (docs/scale-out.md). A checked password is
+        remembered for a minute per server worker: checking one costs a PBKDF2 hash (~0.3 s of
+        CPU here), which every request of a training run would otherwise pay; the price is that
+        a changed password or a deleted user still gets in for up to that minute.
         """
         text = (
             "[mlflow]\n"
@@ -203,6 +208,7 @@ class Stack:
             f"database_uri = {cluster.url('mlflow_auth')}\n"
             f"admin_username = {ADMIN_USER}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            f"auth_cache_ttl_seconds = {AUTH_CACHE_S}\n"
         )
         path = self.folder / "mlflow" / "basic_auth.ini"
         path.parent.mkdir(parents=True, exist_ok=True)
