@@ -71,6 +71,23 @@ def test_signature_and_input_example(champion) -> None:
     assert info.saved_input_example_info is not None
 
 
+def test_the_logged_model_is_the_run_s_output_and_carries_its_last_metrics(champion) -> None:
+    """Linked in two requests, not one per metric; the run's curves gain no entry."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(champion["uri"])
+    run_id = (
+        champion["info"].run_id or client.get_logged_model(champion["info"].model_id).source_run_id
+    )
+    run = client.get_run(run_id)
+    assert [o.model_id for o in run.outputs.model_outputs] == [champion["info"].model_id]
+    model = client.get_logged_model(champion["info"].model_id)
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked == run.data.metrics
+    epochs = client.get_metric_history(run_id, "val/loss")
+    assert [m.step for m in epochs] == sorted({m.step for m in epochs})  # one entry per epoch
+
+
 def test_the_champion_loads_and_scores_in_a_fresh_process(champion, tmp_path) -> None:
     rows = champion["rows"].head(ROWS)
     rows.to_parquet(tmp_path / "rows.parquet")
