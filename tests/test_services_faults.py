@@ -384,3 +384,57 @@ def test_a_sweep_cut_by_the_tracking_server_resumes_after_its_restart(
     assert finished.get_trials(states=(TrialState.RUNNING,)) == []
     runs = server_runs(f"sweep-{study}")
     assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+
+
+# --- PostgreSQL briefly down ---------------------------------------------------------------------
+
+
+def test_postgresql_down_a_sweep_fails_at_once_and_history_waits_for_it(
+    private_stack: Stack, client_env: dict[str, str], processed: Path, tmp_path: Path
+) -> None:
+    """The study storage's server named in one line (75); MLflow's client retries the 5xx
+    answers of a tracking server whose database is away, so a command outlives a short outage."""
+    from mlflow import MlflowClient
+
+    cluster = private_stack.cluster()
+    model = f"faults-{uuid.uuid4().hex[:8]}"
+    MlflowClient().create_registered_model(model)
+    params = sweep_params(tmp_path, f"faults-{uuid.uuid4().hex[:8]}", {"sweep.n_trials": 1})
+    history = [sys.executable, "-m", "trackflow.cli", "history", model, "--params", str(params)]
+    postgres.stop(cluster)
+    try:
+        started = time.monotonic()
+        sweep = subprocess.run(
+            sweep_command(params, processed), cwd=tmp_path, env=client_env,
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        sweep_s = time.monotonic() - started
+        waiting = subprocess.Popen(
+            history, cwd=tmp_path, env=client_env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(5)
+        assert waiting.poll() is None, waiting.communicate()
+    finally:
+        postgres.start(cluster)
+    output, errors = waiting.communicate(timeout=300)
+    history_s = time.monotonic() - started - sweep_s
+    print(f"sweep failed in {sweep_s:.1f} s; history took {history_s:.1f} s")
+
+    assert sweep.returncode == 75, sweep.stderr
+    (line,) = sweep.stderr.strip().splitlines()
+    assert f"127.0.0.1:{cluster.port}" in line and "trackflow:***@" in line, line
+    assert cluster.password not in sweep.stdout + sweep.stderr
+    assert sweep_s < 60
+    assert waiting.returncode == 0, errors
+    assert f"{model}: no ledger entries" in output
+
+    wrong = cluster.url("optuna", password="not-the-password")
+    refused = subprocess.run(
+        sweep_command(params, processed), cwd=tmp_path,
+        env=client_env | {"TRACKFLOW_SWEEP_STORAGE": wrong},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "trackflow:***@" in line and "not-the-password" not in line, line

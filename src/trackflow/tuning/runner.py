@@ -71,11 +71,11 @@ def run_study(params: Params, data_dir: Path, backbone: Path, progress: bool = T
     from trackflow.tuning.trials import SweepSetup
 
     require_workspace(params, data_dir, backbone)
-    tracking = setup_tracking(params.base.mlflow)
     name = study_name(params, data_dir)
     url = storage_url(params.sweep, params.base.mlflow)
     setup = SweepSetup(params, data_dir, backbone, url, name, "")
-    study = load_study(setup)
+    study = load_study(setup)  # first: an absent study server fails at once, naming it
+    tracking = setup_tracking(params.base.mlflow)
     parent = parent_run(tracking, params, name, url)
     start = time.perf_counter()
     interrupted = False
