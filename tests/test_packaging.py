@@ -76,12 +76,10 @@ def test_the_logged_model_is_the_run_s_output_and_carries_its_last_metrics(champ
     from mlflow import MlflowClient
 
     client = MlflowClient(champion["uri"])
-    run_id = (
-        champion["info"].run_id or client.get_logged_model(champion["info"].model_id).source_run_id
-    )
-    run = client.get_run(run_id)
-    assert [o.model_id for o in run.outputs.model_outputs] == [champion["info"].model_id]
     model = client.get_logged_model(champion["info"].model_id)
+    run_id = model.source_run_id
+    run = client.get_run(run_id)
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
     linked = {m.key: m.value for m in model.metrics}
     assert linked == run.data.metrics
     epochs = client.get_metric_history(run_id, "val/loss")
