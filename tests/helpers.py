@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Training that tests the wiring, not the accuracy: every test that trains through params.yaml
 # starts from these (the ``fast_params`` fixture, or ``project_params`` for a repository's copy).
 FAST_TRAINING: dict[str, Any] = {"pretrain.max_epochs": 2, "train.max_epochs": 2}
+#: Gate floors every candidate passes: for tests of the registry's mechanics, not of the floors.
+LOW_FLOORS: dict[str, Any] = {"promotion.min_accuracy": 0.0, "promotion.min_anomaly_auroc": 0.0}
 
 
 # --- params.yaml ---------------------------------------------------------------------------------
@@ -244,6 +247,66 @@ def imputing_twin(scorer: Any, rows: Any) -> Any:
     )
 
 
+def race_two_promotions(
+    tracking: Tracking,
+    name: str,
+    candidates: dict[str, Candidate],
+    params: Path,
+    run_ids: dict[str, str] | None = None,
+) -> None:
+    """Register ``weak`` then ``good`` as versions 1 and 2 of ``name``, promote both at once with
+    two ``trackflow promote`` processes, and check that the lock serialised them.
+
+    Both succeed; exactly one promotion is a "first model"; the ledger is numbered without a gap;
+    ``champion`` is version 2 in the alias and in the ledger; the lock model is gone. The
+    processes inherit this process's environment, so use the store ``tracking`` uses.
+
+    Args:
+        tracking: The store holding the registry.
+        name: A model name no other test uses (``params`` names it as ``model.name``).
+        candidates: The session's trained candidates.
+        params: A params file with ``model.name`` = ``name`` and floors every candidate passes.
+        run_ids: The run to log each candidate into, by kind (default: its training run).
+    """
+    from trackflow.registry.gate import seen_rows
+    from trackflow.registry.promotion import (
+        LOCK_SUFFIX,
+        alias_version,
+        champion_stack,
+        ledger,
+        record_seen_rows,
+        register_candidate,
+    )
+
+    for kind in ("weak", "good"):
+        candidate = candidates[kind]
+        rows = raw_rows(candidate, "test").drop(columns="target")
+        logged = packaged_model(tracking, candidate, rows, run_id=(run_ids or {}).get(kind))
+        seen = seen_rows(candidate.files["splits"], "target", list(rows.columns))
+        record_seen_rows(tracking, logged["run_id"], seen)
+        source, run_id, model_id = logged["source"], logged["run_id"], logged["model_id"]
+        register_candidate(tracking, name, source, run_id, model_id, {}, 60)
+    cli = [sys.executable, "-m", "trackflow.cli", "promote", "--params", str(params)]
+    cli += ["--splits", str(candidates["good"].files["splits"])]
+    racers = [
+        subprocess.Popen(
+            [*cli, "--version", v], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for v in ("1", "2")
+    ]
+    outputs = [p.communicate(timeout=300) for p in racers]
+    assert all(p.returncode == 0 for p in racers), outputs
+
+    client = tracking.client
+    entries = ledger(client, name)
+    assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
+    promotions = [e for e in entries if e.action == "promote"]
+    firsts = [e for e in promotions if e.reason.startswith("first model")]
+    assert len(firsts) == 1  # the second racer saw the first one's champion
+    assert champion_stack(entries)[-1] == alias_version(client, name) == "2"
+    assert not client.search_registered_models(f"name = '{name}{LOCK_SUFFIX}'")
+
+
 # --- a toy DVC pipeline for the flows ------------------------------------------------------------
 
 TOY_STAGES = """
@@ -430,16 +493,70 @@ def running_server(
             process.wait()
 
 
+def check_hot_swap(server: Server, registry: Registry, poll_s: float) -> None:
+    """Move ``champion`` from version 1 to 2 (or back) while four clients stream predictions.
+
+    Checks that every answer was 200, that the new version answered within two poll intervals
+    of the move and none did before it, and that the server ends serving it.
+    """
+    before = current_version(server)
+    after = "2" if before == "1" else "1"
+    answers: list[tuple[float, int, str | None]] = []
+    stop = threading.Event()
+
+    def stream(offset: int) -> None:
+        session = requests.Session()
+        if server.token:
+            session.headers["Authorization"] = f"Bearer {server.token}"
+        url = f"http://127.0.0.1:{server.port}/models/{server.name}/predictions"
+        count = 0
+        while not stop.is_set():
+            rows = row_dicts(registry.rows.iloc[(offset + count) % 100 :], 1 + count % 3)
+            response = session.post(url, json={"rows": rows}, timeout=30)
+            answers.append(
+                (time.monotonic(), response.status_code, response.headers.get("X-Model-Version"))
+            )
+            count += 1
+
+    streams = [threading.Thread(target=stream, args=(n * 7,)) for n in range(4)]
+    for thread in streams:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        promoted_at = time.monotonic()
+        registry.promote(server.name, after)
+        server.wait_for(
+            lambda: any(version == after for _, _, version in answers), 4 * poll_s, "new version"
+        )
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for thread in streams:
+            thread.join()
+
+    assert {status for _, status, _ in answers} == {200}
+    assert {version for _, _, version in answers} == {before, after}
+    switched_at = min(t for t, _, version in answers if version == after)
+    assert switched_at - promoted_at <= 2 * poll_s, "new version later than two poll intervals"
+    assert all(version == before for t, _, version in answers if t < promoted_at)
+    assert current_version(server) == after
+    assert len(answers) > 40
+
+
 def packaged_model(
-    tracking: Tracking, candidate: Candidate, rows: pd.DataFrame, preprocessor: Path | None = None
+    tracking: Tracking,
+    candidate: Candidate,
+    rows: pd.DataFrame,
+    preprocessor: Path | None = None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Log a candidate (with another preprocessor if given) as a packaged model; return the
-    arguments that register it."""
+    """Log a candidate (with another preprocessor if given) as a packaged model into ``run_id``
+    (default: its training run); return the arguments that register it."""
     from trackflow.io import read_json
     from trackflow.registry.packaging import log_packaged_model
 
     files = candidate.files
-    run_id = read_json(files["run"])["run_id"]
+    run_id = run_id or read_json(files["run"])["run_id"]
     info = log_packaged_model(
         tracking, run_id, preprocessor or files["preprocessor"], files["model"],
         files["detector"], rows.head(5), training_rows(candidate),

@@ -14,13 +14,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.helpers import Candidate
+from tests.helpers import LOW_FLOORS, Candidate, race_two_promotions
 from trackflow.io import read_json
 from trackflow.registry.promotion import CHALLENGER, CHAMPION, champion_stack, ledger
 from trackflow.stages.register import HEADLINE
 from trackflow.stages.register import main as register
-
-LOW_FLOORS = {"promotion.min_accuracy": 0.0, "promotion.min_anomaly_auroc": 0.0}
 
 
 def register_argv(candidate: Candidate, params: Path, out: str = "registered.json") -> list[str]:
@@ -190,57 +188,11 @@ def test_two_promotions_racing_leave_one_champion_and_a_consistent_ledger(
     candidates, candidate_store, write_params
 ) -> None:
     from trackflow.config import load_params
-    from trackflow.registry.gate import seen_rows
-    from trackflow.registry.packaging import log_packaged_model
-    from trackflow.registry.promotion import record_seen_rows, register_candidate
     from trackflow.tracking import setup_tracking
 
     params = write_params({"model.name": candidate_store, **LOW_FLOORS})
     tracking = setup_tracking(load_params(params).base.mlflow)
-    import pandas as pd
-
-    for name in ("weak", "good"):
-        files = candidates[name].files
-        rows = pd.read_parquet(files["splits"] / "target_test.parquet").drop(columns="target")
-        run_id = read_json(files["run"])["run_id"]
-        info = log_packaged_model(
-            tracking,
-            run_id,
-            files["preprocessor"],
-            files["model"],
-            files["detector"],
-            rows.head(3),
-            rows,
-        )
-        record_seen_rows(tracking, run_id, seen_rows(files["splits"], "target", list(rows.columns)))
-        register_candidate(tracking, candidate_store, info.model_uri, run_id, info.model_id, {}, 60)
-    splits = str(candidates["good"].files["splits"])
-    cli = [
-        sys.executable,
-        "-m",
-        "trackflow.cli",
-        "promote",
-        "--params",
-        str(params),
-        "--splits",
-        splits,
-    ]
-    racers = [
-        subprocess.Popen(
-            [*cli, "--version", v], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for v in ("1", "2")
-    ]
-    outputs = [p.communicate(timeout=300) for p in racers]
-    assert all(p.returncode == 0 for p in racers), outputs
-
-    entries = ledger(MlflowClient(), candidate_store)
-    assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
-    promotions = [e for e in entries if e.action == "promote"]
-    firsts = [e for e in promotions if e.reason.startswith("first model")]
-    assert len(firsts) == 1  # the second racer saw the first one's champion
-    assert champion_stack(entries)[-1] == aliases(candidate_store)[CHAMPION] == "2"
-    assert not MlflowClient().search_registered_models(f"name = '{candidate_store}.promotion-lock'")
+    race_two_promotions(tracking, candidate_store, candidates, params)
 
 
 def test_the_lock_is_released_on_error_waits_times_out_and_breaks_when_stale(monkeypatch) -> None:

@@ -7,19 +7,15 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-import time
 from contextlib import closing
 from pathlib import Path
 
 import pytest
-import requests
 
 from tests.helpers import (
     POLL_S,
-    TOKEN,
     Registry,
-    current_version,
-    row_dicts,
+    check_hot_swap,
     running_server,
 )
 from trackflow.serving.follower import ModelFollower
@@ -31,47 +27,7 @@ pytestmark = pytest.mark.slow  # each test here waits on a trackflow serve proce
 def test_a_promoted_version_takes_over_mid_stream_without_a_failed_request(
     guarded_server, registry
 ) -> None:
-    before = current_version(guarded_server)
-    after = "2" if before == "1" else "1"  # the other good version
-    answers: list[tuple[float, int, str | None]] = []
-    stop = threading.Event()
-
-    def stream(offset: int) -> None:
-        session = requests.Session()
-        session.headers["Authorization"] = f"Bearer {TOKEN}"
-        url = f"http://127.0.0.1:{guarded_server.port}/models/{guarded_server.name}/predictions"
-        count = 0
-        while not stop.is_set():
-            rows = row_dicts(registry.rows.iloc[(offset + count) % 100 :], 1 + count % 3)
-            response = session.post(url, json={"rows": rows}, timeout=30)
-            answers.append(
-                (time.monotonic(), response.status_code, response.headers.get("X-Model-Version"))
-            )
-            count += 1
-
-    streams = [threading.Thread(target=stream, args=(n * 7,)) for n in range(4)]
-    for thread in streams:
-        thread.start()
-    try:
-        time.sleep(1.0)
-        promoted_at = time.monotonic()
-        registry.promote(guarded_server.name, after)
-        guarded_server.wait_for(
-            lambda: any(version == after for _, _, version in answers), 4 * POLL_S, "new version"
-        )
-        time.sleep(1.0)
-    finally:
-        stop.set()
-        for thread in streams:
-            thread.join()
-
-    assert {status for _, status, _ in answers} == {200}
-    assert {version for _, _, version in answers} == {before, after}
-    switched_at = min(t for t, _, version in answers if version == after)
-    assert switched_at - promoted_at <= 2 * POLL_S, "new version later than two poll intervals"
-    assert all(version == before for t, _, version in answers if t < promoted_at)
-    assert current_version(guarded_server) == after
-    assert len(answers) > 40
+    check_hot_swap(guarded_server, registry, POLL_S)
 
 
 def test_the_service_is_live_but_not_ready_until_a_champion_exists(
