@@ -8,6 +8,8 @@ anything: two web workers, each with its own database connections, answer the ra
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -52,6 +54,58 @@ def test_two_promotions_racing_on_the_tracking_server_leave_one_champion(
     # The candidates' training runs are in a SQLite store: each gets a run on the server.
     with tracked_run(tracking, "weak", {}) as weak, tracked_run(tracking, "good", {}) as good:
         race_two_promotions(tracking, server_name, candidates, params, {"weak": weak, "good": good})
+
+
+def test_creators_racing_for_the_lock_model_each_take_it_alone_or_are_told_it_is_taken(
+    server_name: str,
+) -> None:
+    """The lock's primitive, churned: four threads take the lock's name (create it), hold it a
+    moment and free it (delete it) as fast as the server answers, for 20 s.
+
+    Every create either takes the name or says it is taken, never fails, and no two threads hold
+    it at once. (PostgreSQL's store re-reads a name its insert met, to say it exists: a name
+    freed in between read as "does not exist", about once per 100 creates racing a delete.)
+    """
+    from mlflow import MlflowClient
+
+    from trackflow.registry.promotion import LOCK_SUFFIX
+    from trackflow.registry.uris import create_registered_model
+
+    lock = server_name + LOCK_SUFFIX
+    counts = {"inside": 0, "most": 0, "taken": 0, "refused": 0}
+    errors: list[str] = []
+    guard, stop = threading.Lock(), threading.Event()
+
+    def contend() -> None:
+        client = MlflowClient()
+        while not stop.is_set():
+            try:
+                took = create_registered_model(client, lock)
+            except Exception as exc:  # what the test is about: say which, keep going
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            with guard:
+                counts["taken" if took else "refused"] += 1
+                counts["inside"] += took
+                counts["most"] = max(counts["most"], counts["inside"])
+            if took:
+                time.sleep(0.02)
+                with guard:
+                    counts["inside"] -= 1
+                client.delete_registered_model(lock)
+
+    threads = [threading.Thread(target=contend) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(20)
+    stop.set()
+    for thread in threads:
+        thread.join()
+
+    assert not errors, f"{len(errors)} creates failed, e.g. {errors[:3]}"
+    assert counts["most"] == 1
+    assert counts["taken"] > 20 and counts["refused"] > 20, counts
+    assert not MlflowClient().search_registered_models(f"name = '{lock}'")
 
 
 def test_a_promoted_version_takes_over_mid_stream_with_the_registry_on_the_tracking_server(

@@ -53,13 +53,26 @@ def create_registered_model(client: MlflowClient, name: str, **fields: Any) -> b
     """
     from mlflow.exceptions import MlflowException
 
-    try:
-        client.create_registered_model(name, **fields)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return False
-    return True
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            client.create_registered_model(name, **fields)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_ALREADY_EXISTS":
+                return False
+            # A database store whose insert meets the name re-reads the model to say it exists;
+            # if its holder deleted it in between, the read says it does not (a tracking server
+            # on PostgreSQL: about 1 in 100 of the creates that race a delete). The name was
+            # taken a moment ago and is free now: try again.
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST" or attempt == _CREATE_ATTEMPTS:
+                raise
+        else:
+            return True
+
+
+#: Tries of :func:`create_registered_model` when the name vanishes while the store checks it.
+_CREATE_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
