@@ -245,12 +245,18 @@ def _alive(attrs: dict[str, Any]) -> bool:
 
 
 def parent_run(tracking: Tracking, params: Params, name: str, storage: str) -> str:
-    """The sweep's MLflow run: found by its study tag (a resumed sweep), else created."""
+    """The sweep's MLflow run: found by its study tag (a resumed sweep), else created.
+
+    Sweeps of one study started at the same moment (on several machines) may each find none and
+    create one: each then keeps the study's first parent run (:func:`_first_parent`).
+    """
     from trackflow.config import flatten_params
     from trackflow.tuning.trials import SWEEP_TAG
 
     query = f"tags.`{SWEEP_TAG}study` = '{name}' and tags.`{SWEEP_TAG}role` = 'parent'"
-    found = tracking.client.search_runs([tracking.experiment_id], query, max_results=1)
+    found = tracking.client.search_runs(
+        [tracking.experiment_id], query, max_results=1, order_by=_FIRST_RUN
+    )
     if found:
         run_id = found[0].info.run_id
         tracking.client.update_run(run_id, status="RUNNING")
@@ -262,8 +268,28 @@ def parent_run(tracking: Tracking, params: Params, name: str, storage: str) -> s
         SWEEP_TAG + "metric": params.sweep.metric,
     }
     run = tracking.client.create_run(tracking.experiment_id, run_name=f"sweep-{name}", tags=tags)
-    log_params(tracking, run.info.run_id, flatten_params(params))
-    return run.info.run_id
+    run_id = _first_parent(tracking, query, run.info.run_id)
+    if run_id == run.info.run_id:
+        log_params(tracking, run_id, flatten_params(params))
+    return run_id
+
+
+#: The earliest run first; the id breaks a tie of start times (both in milliseconds).
+_FIRST_RUN = ["attributes.start_time ASC", "attributes.run_id ASC"]
+
+
+def _first_parent(tracking: Tracking, query: str, created: str) -> str:
+    """The study's first parent run; ``created`` (this sweep's) is deleted if it is not that one.
+
+    Every sweep that created a parent run asks after creating it, so all agree on the first.
+    """
+    first = tracking.client.search_runs(
+        [tracking.experiment_id], query, max_results=1, order_by=_FIRST_RUN
+    )
+    if not first or first[0].info.run_id == created:
+        return created
+    tracking.client.delete_run(created)
+    return first[0].info.run_id
 
 
 # --- running the trials ---------------------------------------------------------------------------
@@ -380,7 +406,8 @@ def _tracking_lost(setup: SweepSetup, error: BaseException) -> TrackingUnavailab
     """The sweep stopped because the tracking store (or the study's) went away mid-trial."""
     text = redact(" ".join(str(error).split()))
     return TrackingUnavailable(
-        f"sweep stopped: a trial lost its tracking store ({shorten(text, 240)}); study "
+        f"sweep stopped: a trial lost its tracking server or study storage "
+        f"({shorten(text, 240)}); study "
         f"{setup.study_name!r} is intact in {redact(setup.storage_url)}: once the server is back, "
         f"resume with `trackflow sweep --study {setup.study_name}`"
     )
