@@ -184,6 +184,7 @@ def test_up_down_and_up_again_through_the_command_line(
     private_stack: Stack, client_env: dict[str, str]
 ) -> None:
     """A second up starts nothing; down stops exactly what up started and keeps the data."""
+    import psutil
     from mlflow import MlflowClient
 
     stack = private_stack
@@ -211,6 +212,8 @@ def test_up_down_and_up_again_through_the_command_line(
     assert status.returncode == 0, outputs[-1]
 
     started = process_trees(list(before.values()))
+    command_lines = " ".join(" ".join(psutil.Process(pid).cmdline()) for pid in started)
+    assert not [value for value in secret_values(stack) if value in command_lines]  # env only
     down = services_cli(stack, "down", client_env)
     outputs.append(down.stdout + down.stderr)
     assert down.returncode == 0, outputs[-1]
