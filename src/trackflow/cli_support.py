@@ -46,12 +46,31 @@ def execute(
     """
     try:
         run(args)
-    except TrackflowError as exc:
+    except Exception as exc:
+        error = exc if isinstance(exc, TrackflowError) else _tracking_lost(exc)
+        if error is None:
+            raise  # a bug: its traceback is kept
         note = dvc_outputs_note() if has_outputs else ""
-        message = f"{str(exc).rstrip('.')}. {note}" if note else str(exc)
+        message = f"{str(error).rstrip('.')}. {note}" if note else str(error)
         print(f"error: {message}", file=sys.stderr)
-        return exc.exit_code
+        return error.exit_code
     return 0
+
+
+def _tracking_lost(exc: Exception) -> TrackflowError | None:
+    """MLflow's error once its client gave up on a server gone away mid-command, as exit 75.
+
+    It retries for about two minutes first; what is left is a passing fault, not a bug to trace.
+    """
+    from trackflow.errors import TrackingUnavailable, why
+    from trackflow.tracking import is_transient, redact
+
+    if not type(exc).__module__.startswith("mlflow") or not is_transient(exc):
+        return None
+    return TrackingUnavailable(
+        f"the MLflow tracking server went away and did not come back in time, try again: "
+        f"{redact(why(exc))}"
+    )
 
 
 def dvc_outputs_note() -> str:
