@@ -296,6 +296,8 @@ def race_two_promotions(
     ]
     outputs = [p.communicate(timeout=300) for p in racers]
     assert all(p.returncode == 0 for p in racers), outputs
+    waited = [err for _, err in outputs if f"waiting for the lock {name}{LOCK_SUFFIX}" in err]
+    assert len(waited) == 1, outputs  # they did race: one held the lock while the other asked
 
     client = tracking.client
     entries = ledger(client, name)

@@ -256,7 +256,11 @@ def promotion_lock(client: MlflowClient, name: str, timeout_s: float) -> Iterato
     holder = f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex}"
     deadline = time.monotonic() + timeout_s
     fields = {"tags": {"holder": holder}, "description": f"trackflow: promotion of {name} running"}
+    waiting = False
     while not create_registered_model(client, lock, **fields):
+        if not waiting:  # once: a promotion that seems to hang says what it waits for
+            log.info("waiting for the lock %s held by %s", lock, _holder(client, lock)[0])
+            waiting = True
         _break_if_stale(client, lock)
         if time.monotonic() > deadline:
             raise PromotionError(
