@@ -298,6 +298,40 @@ def test_training_survives_a_restart_of_the_tracking_server(
     assert sorted({m.step for m in history}) == list(range(epochs)), output
 
 
+def test_training_fails_in_one_line_when_the_tracking_server_stays_away(
+    private_stack: Stack, client_env: dict[str, str], processed: Path, tmp_path: Path
+) -> None:
+    """Once MLflow's client gives up (here at once), the stage exits 75 with one line."""
+    params = write_project_params(
+        tmp_path / "params.yaml", {**SMALL_NETWORK, "train.max_epochs": 20}
+    )
+    stage = [sys.executable, "-m", "trackflow.stages.train"]
+    process = subprocess.Popen(
+        [*stage, *train_argv(params, processed, "none.pt")],
+        cwd=tmp_path,
+        env=client_env | IMPATIENT_CLIENT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: [r for r in server_runs("train") if r.info.status == "RUNNING"],
+            120,
+            "the train run RUNNING on the server",
+        )
+        kill_mlflow(private_stack)
+        _, errors = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        private_stack.up()
+    assert process.returncode == 75, errors
+    assert "Traceback" not in errors, errors
+    (line,) = [line for line in errors.splitlines() if line.startswith("error:")]
+    assert "tracking server went away" in line, line
+
+
 # --- a sweep and the tracking server --------------------------------------------------------------
 
 
