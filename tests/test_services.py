@@ -354,6 +354,7 @@ def test_two_sweeps_started_at_once_share_the_study_on_postgresql(
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert_artifacts_on_the_server(tracking_client, parents)
     assert_no_secret_in_runs(mine, services)
+    assert not (repo / "mlruns").exists(), "a sweep wrote a local store (MLflow's or Optuna's)"
 
 
 def test_sweeps_that_create_their_parent_run_at_the_same_moment_keep_one(
@@ -421,6 +422,7 @@ def test_the_nightly_deployment_fires_on_the_server_and_a_services_worker_comple
     finally:
         delete_deployment(services, name, project.env)
     assert run.work_pool_name == WORK_POOL
+    assert_no_secret(flow_run_logs(services, run.id), services, "the flow run's logs")
     assert (toy / "report.txt").is_file()  # the toy pipeline's last stage ran
     (train,) = experiment_runs(tracking_client, experiment)
     assert train.data.tags["trackflow.prefect_flow_run_id"] == str(run.id)
@@ -474,6 +476,17 @@ def wait_for_a_completed_scheduled_run(
             time.sleep(2)
     states = [(r.name, r.state_name) for r in runs]
     pytest.fail(f"no scheduled run of {name} completed in {SCHEDULE_WAIT_S} s: {states}")
+
+
+def flow_run_logs(services: dict[str, str], run_id: Any) -> str:
+    """What a flow run logged to the Prefect server (the worker's and the stages' lines)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    only_this = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
+    with prefect_client(services) as client:
+        logs = client.read_logs(log_filter=only_this)
+    assert logs, "the flow run logged nothing"
+    return "\n".join(log.message for log in logs)
 
 
 def delete_deployment(services: dict[str, str], name: str, env: dict[str, str]) -> None:
