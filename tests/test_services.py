@@ -185,6 +185,8 @@ def test_the_pipeline_runs_on_the_servers_and_every_command_reads_them_unchanged
     if champion.model_id:  # MLflow 3: the version's files are a logged model's
         location = client.get_logged_model(champion.model_id).artifact_location
         assert location.startswith("mlflow-artifacts:"), location
+        stored = artifacts_folder() / location.removeprefix("mlflow-artifacts:").lstrip("/")
+        assert (stored / "MLmodel").is_file(), f"the champion's files are not in {stored}"
     outputs = {"dvc repro": project.repro_output}
 
     history = sh("trackflow", "history", "--format", "json", cwd=repo, env=env)
