@@ -84,3 +84,30 @@ def test_scored_batches_have_an_experiment_of_their_own() -> None:
     assert scoring_experiment(config) == "digits-scoring"
     assert scoring.experiment_id != candidates.experiment_id
     assert scoring.client.get_experiment(scoring.experiment_id).name == "digits-scoring"
+
+
+def test_processes_creating_one_experiment_at_once_all_get_it() -> None:
+    """Sweep workers or machines starting together: the creates that lose read the winner's."""
+    import threading
+
+    from trackflow.config import MlflowConfig
+    from trackflow.tracking import setup_tracking
+
+    config = MlflowConfig(experiment_name="race")  # in the test's own SQLite store
+    setup_tracking(MlflowConfig(experiment_name="first"))  # the store's tables made once
+    start, found, failed = threading.Barrier(8), [], []
+
+    def create() -> None:
+        start.wait()
+        try:
+            found.append(setup_tracking(config).experiment_id)
+        except Exception as exc:  # what the test is about: none may fail
+            failed.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failed
+    assert len(found) == 8 and len(set(found)) == 1

@@ -107,13 +107,7 @@ def setup_tracking(config: MlflowConfig, experiment_name: str | None = None) -> 
     # would then override the params of every later set-up in it. The client carries the URI.
     try:
         client = MlflowClient(tracking_uri=uri)
-        experiment = client.get_experiment_by_name(experiment_name)
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        else:
-            experiment_id = client.create_experiment(
-                experiment_name, artifact_location=_artifact_uri(config.artifact_location, uri)
-            )
+        experiment_id = _experiment_id(client, experiment_name, config.artifact_location, uri)
     except Exception as exc:  # MLflow raises many kinds for a bad URI or an unreachable store
         refused = _refusal(exc)
         if refused:
@@ -128,6 +122,28 @@ def setup_tracking(config: MlflowConfig, experiment_name: str | None = None) -> 
             f"MLFLOW_TRACKING_URI if set): {type(exc).__name__}: {redact(str(exc))}"
         ) from None
     return Tracking(client=client, tracking_uri=uri, experiment_id=experiment_id)
+
+
+def _experiment_id(client: MlflowClient, name: str, artifacts: str, uri: str) -> str:
+    """The experiment's id, creating it when missing.
+
+    Processes starting together (sweep workers, machines) may all find it missing: the ones whose
+    create loses the race read the winner's.
+    """
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_uri(artifacts, uri))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 #: What a server's refusal means, by MLflow's error code (basic-auth answers 401 and 403).
