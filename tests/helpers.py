@@ -350,7 +350,9 @@ elif step == "train":  # an MLflow run, like the real train stage
 
     params = load_params("params.yaml")  # tagged as the real stages are: flow run id included
     tracking = setup_tracking(params.base.mlflow)
-    run = tracking.client.create_run(tracking.experiment_id, "train", tags=run_tags(params))
+    run = tracking.client.create_run(
+        tracking.experiment_id, run_name="train", tags=run_tags(params)
+    )
     run_id = run.info.run_id
     tracking.client.log_param(run_id, "train.mode", params.train.mode)
     tracking.client.set_terminated(run_id)

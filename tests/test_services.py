@@ -40,8 +40,7 @@ from trackflow.tuning.study import STORAGE_ENV
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
-# The wiring, not the accuracy. One detector: the register stage's logging of the model fetches
-# the train run's metrics one request each (MLflow's Model.log), three per detector and kind.
+# The wiring, not the accuracy: fast training, one detector.
 FAST = {**FAST_TRAINING, "promotion.min_accuracy": 0.5, "anomaly.detectors": ["knn"]}
 SWEEP_TRIALS = 6
 SCHEDULE_WAIT_S = 300  # the scheduler fires within seconds; a busy worker takes its time
@@ -411,11 +410,6 @@ def test_the_nightly_deployment_fires_on_the_server_and_a_services_worker_comple
     deployment is deleted after, so that it does not keep firing on the shared server.
     """
     toy = make_toy_repo(tmp_path / "toy")
-    # helpers.TOY_SCRIPT passes the run's name where create_run takes its start time: a SQLite
-    # store keeps it, a tracking server refuses it (CreateRun's start_time is an integer).
-    script = (toy / "toy.py").read_text()
-    bad, good = 'experiment_id, "train", tags=', 'experiment_id, run_name="train", tags='
-    (toy / "toy.py").write_text(script.replace(bad, good))
     experiment = f"{project.name}-toy"
     write_project_params(toy / "params.yaml", {"base.mlflow.experiment_name": experiment})
     name = deploy_nightly(toy, tmp_path, f"nightly-{project.suffix}", project.env)
