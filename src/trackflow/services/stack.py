@@ -284,23 +284,25 @@ class Stack:
         names = [*self._pid_files("worker-"), "prefect", "mlflow"]
         for name in names:
             lines.append(f"{name:<11} {'stopped' if self._stop(name) else 'was not running'}")
-        cluster = Cluster(self.folder / "postgres", self.settings.postgres_port, "",
-                          postgres.find_binaries(install=False))  # fmt: skip
-        running = postgres.is_running(cluster)
+        cluster = self._existing_cluster()
+        running = cluster is not None and postgres.is_running(cluster)
         if running:
             postgres.stop(cluster)
         lines.append(f"{'PostgreSQL':<11} {'stopped' if running else 'was not running'}")
         return lines
 
+    def _existing_cluster(self) -> Cluster | None:
+        """The cluster ``up`` made, to ask or stop (no secrets needed); None if there is none."""
+        if not (self.folder / "postgres" / "data" / "PG_VERSION").is_file():
+            return None
+        binaries = postgres.find_binaries(install=False)
+        return Cluster(self.folder / "postgres", self.settings.postgres_port, "", binaries)
+
     def status(self) -> list[State]:
         """Whether each service runs, and where."""
         found = []
-        if (self.folder / "postgres" / "data").is_dir():
-            cluster = Cluster(self.folder / "postgres", self.settings.postgres_port, "",
-                              postgres.find_binaries(install=False))  # fmt: skip
-            running = postgres.is_running(cluster)
-        else:
-            running = False
+        cluster = self._existing_cluster()
+        running = cluster is not None and postgres.is_running(cluster)
         found.append(State("PostgreSQL", running, f"127.0.0.1:{self.settings.postgres_port}"))
         found.append(State("MLflow", self.pid("mlflow") is not None, self.mlflow_url))
         found.append(State("Prefect", self.pid("prefect") is not None, self.prefect_url))
