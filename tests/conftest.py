@@ -28,12 +28,10 @@ from tests.helpers import (
     packaged_model,
     run_data_stages,
     running_server,
+    services_missing,
     train_argv,
     write_project_params,
 )
-
-#: Set by .ci/run: the ``services`` tests fail, not skip, when the services do not run.
-REQUIRE_SERVICES_ENV = "TRACKFLOW_REQUIRE_SERVICES"
 
 # Fixtures that start a server (or Prefect's API): a test using one is slow and must say so.
 SERVER_FIXTURES = {
@@ -85,9 +83,7 @@ def services() -> dict[str, str]:
             f"needs the services of {stack.folder} ({down}: not running): run "
             "`make services` first, then `make test` (CI does)"
         )
-        if os.environ.get(REQUIRE_SERVICES_ENV) == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        services_missing(message)
     return stack.client_env()
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pandas as pd
 import pytest
@@ -151,6 +151,28 @@ def run_data_stages(params: Path) -> int:
         if code := stage(["--params", str(params), *argv]):
             return code
     return 0
+
+
+#: Set by .ci/run: a test needing the services fails, not skips, when they cannot run.
+REQUIRE_SERVICES_ENV = "TRACKFLOW_REQUIRE_SERVICES"
+
+
+def services_missing(message: str) -> NoReturn:
+    """Skip the test that needs the services, saying how to run them; fail instead under CI,
+    where a skip would hide that the services tests tested nothing."""
+    if os.environ.get(REQUIRE_SERVICES_ENV) == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 15) -> None:
+    """Terminate a server process started by a test; kill it if it does not exit in time."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def free_port() -> int:
@@ -489,12 +511,7 @@ def running_server(
     try:
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def check_hot_swap(server: Server, registry: Registry, poll_s: float) -> None:

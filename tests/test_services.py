@@ -32,6 +32,7 @@ from tests.helpers import (
     copy_project,
     free_port,
     make_toy_repo,
+    stop_process,
     write_project_params,
 )
 from trackflow.services.stack import DIR_ENV, WORK_POOL
@@ -213,12 +214,7 @@ def test_the_pipeline_runs_on_the_servers_and_every_command_reads_them_unchanged
     try:
         answer = predict_when_ready(server, port, project.name, rows.head(2), log)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, timeout=30)
     assert answer.status_code == 200, answer.text
     assert answer.headers["X-Model-Version"] == champion.version
     assert len(answer.json()["predictions"]) == 2

@@ -22,15 +22,20 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import FAST_TRAINING, REPO_ROOT, free_port, train_argv, write_project_params
+from tests.helpers import (
+    FAST_TRAINING,
+    REPO_ROOT,
+    free_port,
+    services_missing,
+    train_argv,
+    write_project_params,
+)
 from trackflow.errors import ConfigError
 from trackflow.services import postgres
 from trackflow.services.stack import SECRETS, Stack
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
-#: Set by .ci/run: fail, not skip, when the services cannot run here.
-REQUIRE_SERVICES_ENV = "TRACKFLOW_REQUIRE_SERVICES"
 EXPERIMENT = "trackflow"  # params.yaml's base.mlflow.experiment_name
 SMALL_NETWORK: dict[str, Any] = {
     **FAST_TRAINING,
@@ -50,10 +55,7 @@ def private_stack() -> Iterator[Stack]:
     try:
         postgres.find_binaries(install=False)
     except ConfigError as exc:
-        message = f"needs PostgreSQL's server for a private stack: {exc}"
-        if os.environ.get(REQUIRE_SERVICES_ENV) == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        services_missing(f"needs PostgreSQL's server for a private stack: {exc}")
     folder = REPO_ROOT / ".services" / f"test-{uuid.uuid4().hex[:12]}"
     stack = Stack(
         folder,
