@@ -78,8 +78,8 @@ def test_the_logged_model_is_the_run_s_output_and_carries_its_last_metrics(champ
     client = MlflowClient(champion["uri"])
     model = client.get_logged_model(champion["info"].model_id)
     run_id = model.source_run_id
-    run = client.get_run(run_id)
-    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+    run = client.get_run(run_id)  # the session's candidate: other tests log models to it too
+    assert model.model_id in [o.model_id for o in run.outputs.model_outputs]
     linked = {m.key: m.value for m in model.metrics}
     assert linked == run.data.metrics
     epochs = client.get_metric_history(run_id, "val/loss")

@@ -394,6 +394,46 @@ def test_sweeps_that_create_their_parent_run_at_the_same_moment_keep_one(
     assert parent.data.tags[SWEEP_TAG + "storage"].count("***") == 1  # its password masked
 
 
+def test_sweeps_opening_a_new_study_database_at_once_all_open_it(
+    services: dict[str, str],
+) -> None:
+    """Sweeps starting together on an empty database all create Optuna's tables: none fails."""
+    import threading
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from trackflow.tuning.study import open_storage
+
+    url = make_url(services[STORAGE_ENV])
+    database = f"optuna_{uuid.uuid4().hex[:10]}"
+    admin = psycopg.connect(
+        host=url.host, port=url.port, user=url.username, password=url.password,
+        dbname="postgres", autocommit=True,
+    )  # fmt: skip
+    with admin:
+        admin.execute(f'CREATE DATABASE "{database}"')
+        try:
+            fresh = url.set(database=database).render_as_string(hide_password=False)
+            start, failed = threading.Barrier(4), []
+
+            def sweep() -> None:
+                start.wait()
+                try:
+                    open_storage(fresh).engine.dispose()
+                except Exception as exc:  # what the test is about: none may fail
+                    failed.append(exc)
+
+            threads = [threading.Thread(target=sweep) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            admin.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+    assert not failed, failed[0]
+
+
 # --- 4. the schedule fires on the services' Prefect server, a services' worker runs it ------------
 
 

@@ -47,6 +47,8 @@ HEARTBEAT_S = 10
 GRACE_S = 60
 #: Seconds a SQLite writer waits for another one (parallel workers share the file).
 SQLITE_TIMEOUT_S = 60
+#: Tries to open a storage whose tables another sweep is creating at the same moment.
+SCHEMA_ATTEMPTS = 3
 POLL_S = 1.0
 
 TrialHook = Callable[[Any, Any], None]
@@ -93,26 +95,32 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # trackflow prints its own lines
     with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.8
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            return RDBStorage(
-                url,
-                engine_kwargs=kwargs,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=_retry(),
-            )
-        except Exception as exc:  # SQLAlchemy's and the driver's errors, by their text
-            text = " ".join(str(exc).split())
-            if is_transient(text):
-                raise TrackingUnavailable(
-                    f"the sweep's study storage {redact(url)} is unreachable, try again "
-                    f"(is its database server running? make services starts the local one): "
-                    f"{redact(text)[:300]}"
-                ) from None
-            raise ConfigError(
-                f"cannot open the sweep's study storage {redact(url)} (TRACKFLOW_SWEEP_STORAGE "
-                f"or sweep.storage): {type(exc).__name__}: {redact(text)[:300]}"
-            ) from None
+        for attempt in range(1, SCHEMA_ATTEMPTS + 1):
+            try:
+                return RDBStorage(
+                    url,
+                    engine_kwargs=kwargs,
+                    heartbeat_interval=HEARTBEAT_S,
+                    grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=_retry(),
+                )
+            except Exception as exc:  # SQLAlchemy's and the driver's errors, by their text
+                kind, text = type(exc).__name__, " ".join(str(exc).split())
+            # Sweeps starting together on a new database all create Optuna's tables; on
+            # PostgreSQL the losers meet the winner's types ("already exists"): they exist now.
+            if "already exists" not in text:
+                break
+            time.sleep(0.5 * attempt)
+    if is_transient(text):
+        raise TrackingUnavailable(
+            f"the sweep's study storage {redact(url)} is unreachable, try again "
+            f"(is its database server running? make services starts the local one): "
+            f"{redact(text)[:300]}"
+        )
+    raise ConfigError(
+        f"cannot open the sweep's study storage {redact(url)} (TRACKFLOW_SWEEP_STORAGE "
+        f"or sweep.storage): {kind}: {redact(text)[:300]}"
+    )
 
 
 def _retry() -> Any:

@@ -271,12 +271,11 @@ class TrialOutcome:
 def end_trial_runs(tracking: Tracking, study_name: str, number: int, reason: str) -> None:
     """Mark the runs of a trial whose process died (a killed sweep) as failed and KILLED.
 
-    Found by their tags: the process may have died before the trial recorded its run's id.
+    Found by their tags: the process may have died before the trial recorded its run's id. A run
+    already FINISHED is marked too: the process died after ending it but before Optuna recorded
+    the trial's value, so the study runs the trial again and this run's result does not count.
     """
-    query = (
-        f"tags.`{SWEEP_TAG}study` = '{study_name}' and tags.`{SWEEP_TAG}trial` = '{number}' "
-        "and attributes.status = 'RUNNING'"
-    )
+    query = f"tags.`{SWEEP_TAG}study` = '{study_name}' and tags.`{SWEEP_TAG}trial` = '{number}'"
     tags = {SWEEP_TAG + "state": "failed", SWEEP_TAG + "fail_reason": reason}
     for run in tracking.client.search_runs([tracking.experiment_id], query):
         set_tags(tracking, run.info.run_id, tags)
