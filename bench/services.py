@@ -13,7 +13,8 @@ tracking server on PostgreSQL (through basic-auth and the artifact proxy) in the
 - **sweep**: ``trackflow sweep`` of ``--trials`` trials with 1 and 2 worker processes, the study on
   ``optuna.db`` (SQLite) vs on the services' PostgreSQL.
 
-Medians over ``--repeat`` rounds; ratios are server / SQLite (above 1: the server is slower).
+Medians over ``--repeat`` rounds; ratios are server / SQLite (a time above 1, or trials per
+minute below 1: the server is slower).
 
     python bench/services.py --repeat 3
 """
