@@ -291,6 +291,39 @@ def test_a_refused_or_unreachable_server_is_one_line_and_prefect_wants_the_auth_
     assert f"name='{WORK_POOL}'" in sh(*inspect, cwd=repo, env=env).stdout
 
 
+def test_a_user_who_may_only_read_is_refused_a_promotion_in_one_line_and_nothing_moves(
+    project: Project, services: dict[str, str], tracking_client: Any
+) -> None:
+    """basic-auth's permissions: a signed-in user reads (default_permission READ); moving an alias
+    takes a permission the admin did not grant: one line, exit 2, the registry as it was."""
+    from mlflow.server import get_app_client
+
+    repo, env, name = project.repo, project.env, project.name
+    champion = tracking_client.get_model_version_by_alias(name, "champion")
+    model_id = champion.source.removeprefix("models:/")  # the logged model of the version
+    other = tracking_client.create_model_version(
+        name, source=champion.source, run_id=champion.run_id, model_id=model_id
+    ).version  # registered by the admin: the reader may try to promote it
+    admin = get_app_client("basic-auth", tracking_uri=services["MLFLOW_TRACKING_URI"])
+    user, password = f"reader-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    admin.create_user(username=user, password=password)
+    try:
+        reader = env | {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
+        ledger = sh("trackflow", "history", "--format", "json", cwd=repo, env=reader).stdout
+        promote = ("trackflow", "promote", "--version", other, "--force", "--reason", "a reader")
+        refused = sh(*promote, cwd=repo, env=reader, code=2)
+        assert "Traceback" not in refused.stderr, refused.stderr
+        last = refused.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: the MLflow tracking server") and "(403)" in last, last
+        assert_no_secret(refused.stderr, services, "the refusal")
+    finally:
+        admin.delete_user(user)
+    after = sh("trackflow", "history", "--format", "json", cwd=repo, env=env).stdout
+    assert after == ledger
+    assert tracking_client.get_model_version_by_alias(name, "champion").version == champion.version
+    assert not tracking_client.search_registered_models(f"name = '{name}.promotion-lock'")
+
+
 # --- 3. a sweep spread over processes sharing the PostgreSQL study --------------------------------
 
 

@@ -47,7 +47,7 @@ def execute(
     try:
         run(args)
     except Exception as exc:
-        error = exc if isinstance(exc, TrackflowError) else _tracking_lost(exc)
+        error = exc if isinstance(exc, TrackflowError) else _tracking_error(exc)
         if error is None:
             raise  # a bug: its traceback is kept
         note = dvc_outputs_note() if has_outputs else ""
@@ -57,15 +57,21 @@ def execute(
     return 0
 
 
-def _tracking_lost(exc: Exception) -> TrackflowError | None:
-    """MLflow's error once its client gave up on a server gone away mid-command, as exit 75.
+def _tracking_error(exc: Exception) -> TrackflowError | None:
+    """MLflow's errors a user acts on, as one line; None for the rest (bugs: traced).
 
-    It retries for about two minutes first; what is left is a passing fault, not a bug to trace.
+    A tracking server's refusal mid-command (a user whose permission stops at reading): exit 2.
+    A server gone away for good (MLflow's client retries for about two minutes first): exit 75.
     """
-    from trackflow.errors import TrackingUnavailable, why
-    from trackflow.tracking import is_transient, redact
+    from trackflow.errors import ConfigError, TrackingUnavailable, why
+    from trackflow.tracking import is_transient, redact, refusal
 
-    if not type(exc).__module__.startswith("mlflow") or not is_transient(exc):
+    if not type(exc).__module__.startswith("mlflow"):
+        return None
+    refused = refusal(exc)
+    if refused:
+        return ConfigError(f"the MLflow tracking server {refused}: {redact(why(exc))}")
+    if not is_transient(exc):
         return None
     return TrackingUnavailable(
         f"the MLflow tracking server went away and did not come back in time, try again: "

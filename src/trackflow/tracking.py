@@ -109,7 +109,7 @@ def setup_tracking(config: MlflowConfig, experiment_name: str | None = None) -> 
         client = MlflowClient(tracking_uri=uri)
         experiment_id = _experiment_id(client, experiment_name, config.artifact_location, uri)
     except Exception as exc:  # MLflow raises many kinds for a bad URI or an unreachable store
-        refused = _refusal(exc)
+        refused = refusal(exc)
         if refused:
             raise ConfigError(f"the MLflow tracking server {shown} {refused}") from None
         if is_transient(exc):
@@ -155,7 +155,8 @@ _REFUSALS = {
 }
 
 
-def _refusal(exc: BaseException) -> str | None:
+def refusal(exc: BaseException) -> str | None:
+    """What a tracking server's refusal (401, 403) means and what to do; None for other errors."""
     return _REFUSALS.get(str(getattr(exc, "error_code", "")))
 
 
