@@ -189,7 +189,7 @@ class Stack:
                 f"{self.prefect_url}/health",
             ),
         ]
-        worker_env = base | prefect_home | self.client_env()
+        worker_env = self._client_process_env()
         for number in range(1, self.settings.workers + 1):
             name = f"worker-{number}"
             argv = [*PREFECT, "worker", "start", "--pool", WORK_POOL, "--type", "process"]
@@ -418,7 +418,7 @@ class Stack:
 
     def _ensure_pool(self) -> None:
         """Create the ``process`` work pool the deployments name, unless it exists."""
-        env = self.processes_env()
+        env = self._client_process_env()
         inspect = subprocess.run([*PREFECT, "work-pool", "inspect", WORK_POOL], env=env,
                                  capture_output=True, text=True)  # fmt: skip
         if inspect.returncode == 0:
@@ -430,9 +430,12 @@ class Stack:
                 f"creating the work pool '{WORK_POOL}' failed: {result.stdout + result.stderr}"
             )
 
-    def processes_env(self) -> dict[str, str]:
-        """A Prefect client's environment: the stack's API and home."""
-        base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    def _client_process_env(self) -> dict[str, str]:
+        """A worker's or the pool command's environment: the services' variables, not the caller's.
+
+        The Prefect home is the stack's.
+        """
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
         return base | self.client_env() | {"PREFECT_HOME": str(self.folder / "prefect")}
 
 
