@@ -73,7 +73,7 @@ def read_source(source: str, separator: str = ",") -> pd.DataFrame:
 
 
 def to_canonical(
-    frame: pd.DataFrame, label_column: str, non_finite: str = "fail"
+    frame: pd.DataFrame, label_column: str, non_finite: str = "fail", min_classes: int = 2
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """Check a raw table and return it in canonical form.
 
@@ -82,6 +82,7 @@ def to_canonical(
         label_column: Name of the class column.
         non_finite: ``"fail"`` to refuse NaN/inf in features, ``"impute"`` to keep them as NaN
             for the preprocessor to impute from training rows.
+        min_classes: Fewest classes the labels must hold (a dataset 2; a batch added to one 1).
 
     Returns:
         The canonical table and, per feature, the number of NaN/inf values it held.
@@ -94,7 +95,7 @@ def to_canonical(
     if frame.empty:
         raise DataError("the table has no rows")
     features = _numeric_features(_features(frame, label_column))
-    labels = _labels(frame[label_column], label_column)
+    labels = _labels(frame[label_column], label_column, min_classes)
     counts = _non_finite_counts(features)
     _handle_non_finite(counts, non_finite)
     features = features.replace([np.inf, -np.inf], np.nan)
@@ -176,15 +177,150 @@ def handle_index_column(frame: pd.DataFrame, label_column: str, policy: str) -> 
     return frame.drop(columns=name)
 
 
-def ingest(config: DataConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Read, check and profile the configured source: the canonical table and its profile."""
+def ingest(config: DataConfig) -> tuple[pd.DataFrame, dict[str, Any], pd.Series]:
+    """Read, check and profile the configured source and every added batch.
+
+    Returns:
+        The canonical table (the source's rows, ids 0..N-1, then each batch's rows in the order
+        the batches were added), its profile (with ``batches``: name, rows and digest of each,
+        when there are any), and each row's origin (:mod:`trackflow.data.batches`).
+    """
+    from trackflow.data.batches import ORIGIN_COLUMN, ORIGINAL
+
+    source, non_finite = read_canonical(config)
+    batches = read_batches(config, source)
+    table = pd.concat([source, *batches.values()], ignore_index=True)
+    table.index = pd.RangeIndex(len(table), name="row_id")
+    origins = pd.Series(
+        np.repeat([ORIGINAL, *batches], [len(source), *map(len, batches.values())]),
+        index=table.index,
+        name=ORIGIN_COLUMN,
+    )
+    described = profile(table, config.label_column, config.source, non_finite)
+    if batches:
+        described["batches"] = batch_records(table, origins)
+    return table, described, origins
+
+
+def read_canonical(config: DataConfig) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The configured source alone, read and checked: the canonical table and its NaN/inf counts."""
     raw = read_source(config.source, config.separator)
-    canonical, non_finite = to_canonical(
+    return to_canonical(
         handle_index_column(raw, config.label_column, config.index_column),
         config.label_column,
         config.non_finite,
     )
-    return canonical, profile(canonical, config.label_column, config.source, non_finite)
+
+
+# --- batches of labelled rows added later (`trackflow add-batch`) --------------------------------
+
+
+def batch_files(folder: str | Path | None) -> list[Path]:
+    """The batch files of ``folder`` in the order they were added (their ``NNN-`` name order).
+
+    Raises:
+        DataError: A batch's ``.dvc`` file is there but its data is not (not pulled).
+    """
+    if folder is None or not Path(folder).is_dir():
+        return []
+    folder = Path(folder)
+    absent = sorted(p.name for p in folder.glob("*.parquet.dvc") if not p.with_suffix("").is_file())
+    if absent:
+        raise DataError(
+            f"batches {preview(absent)} in {str(folder)!r} are tracked by DVC but their data is "
+            "not in the workspace: run `dvc pull` (or `dvc checkout`), or delete the .dvc file "
+            "to drop the batch"
+        )
+    return sorted(folder.glob("*.parquet"))
+
+
+def read_batches(config: DataConfig, reference: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Every batch under ``config.batches``, by name (file stem), checked against ``reference``.
+
+    Each is read and checked as the source is (:func:`to_canonical`), then against the
+    reference's columns and classes (:func:`check_batch`); each keeps its own row ids 0..n-1.
+
+    Raises:
+        DataError: Naming the batch file and what is wrong with it.
+    """
+    batches = {}
+    for path in batch_files(config.batches):
+        try:
+            frame, _ = to_canonical(
+                pd.read_parquet(path), config.label_column, config.non_finite, min_classes=1
+            )
+            batches[path.stem] = check_batch(frame, reference, config.label_column)
+        except DataError as exc:
+            raise DataError(f"batch {str(path)!r}: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise DataError(f"batch {str(path)!r} is not a readable Parquet file: {exc}") from None
+    return batches
+
+
+def check_batch(batch: pd.DataFrame, reference: pd.DataFrame, label_column: str) -> pd.DataFrame:
+    """A canonical batch in the reference's column order, with the reference's label values.
+
+    Args:
+        batch: Canonical table of new labelled rows (:func:`to_canonical`).
+        reference: The dataset the batch is added to (canonical): its columns and classes.
+        label_column: Name of the class column.
+
+    Raises:
+        DataError: The batch lacks a column of the reference or has one it lacks, or holds a
+            label outside the reference's classes (a new class needs training from scratch).
+    """
+    columns = list(reference.columns)
+    missing = [c for c in columns if c not in batch.columns]
+    extra = [c for c in batch.columns if c not in columns]
+    if missing or extra:
+        found = "; ".join(
+            f"{what} {preview(names)}"
+            for what, names in (("missing columns", missing), ("extra columns", extra))
+            if names
+        )
+        raise DataError(
+            f"the batch's columns differ from the dataset's: {found}. A batch needs exactly the "
+            f"dataset's {len(columns) - 1} feature columns and its label {label_column!r}"
+        )
+    known = {str(label): label for label in reference[label_column].unique()}
+    labels = batch[label_column]
+    unknown = sorted({str(label) for label in labels} - known.keys(), key=str)
+    if unknown:
+        raise DataError(
+            f"the batch holds classes {preview(unknown)} that the dataset does not (its classes: "
+            f"{preview(sorted(known, key=str))}). Adding a class needs a model trained from "
+            "scratch: add those rows to data.source instead, or drop them from the batch"
+        )
+    mapped = labels.map(lambda label: known[str(label)]).astype(reference[label_column].dtype)
+    return batch[columns].assign(**{label_column: mapped})
+
+
+def batch_records(table: pd.DataFrame, origins: pd.Series | None) -> list[dict[str, Any]]:
+    """Name, rows and content digest of each added batch in ``table``, in the order added.
+
+    A batch's digest is :func:`table_digest` of its rows numbered from 0, as ``trackflow
+    add-batch`` stored them: the same whichever rows came before it.
+    """
+    from trackflow.data.batches import ORIGINAL
+
+    if origins is None:
+        return []
+    origins = origins.reindex(table.index)
+    return [
+        {"name": str(name), "rows": len(rows), "digest": table_digest(rows.reset_index(drop=True))}
+        for name in origins[origins != ORIGINAL].unique()
+        for rows in [table[origins == name]]
+    ]
+
+
+def row_keys(table: pd.DataFrame, label_column: str) -> pd.Series:
+    """A content hash per row of a canonical table (features and label, not the row id).
+
+    Equal rows give equal keys whatever their row ids and however their label was typed.
+    """
+    features = table.drop(columns=label_column).astype("float64") + 0.0  # -0.0 as 0.0
+    keyed = features.assign(**{label_column: table[label_column].astype(str)})
+    return pd.util.hash_pandas_object(keyed, index=False)
 
 
 def _refuse_duplicates(columns: list[str], owner: str) -> None:
@@ -328,14 +464,14 @@ def _reads_as_number(value: Any) -> bool:
     return True
 
 
-def _labels(labels: pd.Series, label_column: str) -> pd.Series:
+def _labels(labels: pd.Series, label_column: str, min_classes: int = 2) -> pd.Series:
     missing = int(labels.isna().sum())
     if missing:
         raise DataError(f"{missing} rows have no label in {label_column!r}; drop or label them")
     if pd.api.types.is_float_dtype(labels) and (labels == labels.round()).all():
         labels = labels.astype("int64")
     n_classes = labels.nunique()
-    if n_classes < 2:
+    if n_classes < min_classes:
         raise DataError(
             f"label column {label_column!r} holds a single class ({plain(labels.iloc[0])!r}); "
             "a classifier needs at least two"

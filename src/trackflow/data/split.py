@@ -18,6 +18,8 @@ from trackflow.errors import DataError, preview
 
 SPLITS = ("train", "val", "test")
 TASKS = ("source", "target")
+#: An added batch with fewer rows than this goes to training whole (too few to hold out).
+MIN_BATCH_SPLIT_ROWS = 10
 
 
 def resolve_tasks(labels: pd.Series, config: DataConfig) -> dict[str, list[Hashable]]:
@@ -94,9 +96,18 @@ def _split_sizes(n_rows: int, config: SplitConfig) -> dict[str, int]:
 
 
 def split_table(
-    table: pd.DataFrame, label_column: str, data: DataConfig, split: SplitConfig, seed: int
+    table: pd.DataFrame,
+    label_column: str,
+    data: DataConfig,
+    split: SplitConfig,
+    seed: int,
+    origins: pd.Series | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Split a canonical table into ``{task}_{split}`` parts (``"target_train"``, ...).
+
+    The original rows are split as if there were no batches, so adding a batch never moves an
+    original row to another part; each batch is split on its own (:func:`split_batch`) and
+    appended to the parts.
 
     Args:
         table: Canonical table, shape (n_rows, n_features + 1), index = row ids.
@@ -104,37 +115,121 @@ def split_table(
         data: Task definition (source/target classes, fraction of target training rows kept).
         split: Validation and test fractions.
         seed: Seed of every random choice, so the same inputs give the same parts.
+        origins: Each row id's origin (:mod:`trackflow.data.batches`); None: all original.
 
     Returns:
         One table per task and split, keeping the row ids of ``table``.
     """
-    from sklearn.model_selection import train_test_split
+    from trackflow.data.batches import ORIGINAL
 
-    tasks = resolve_tasks(table[label_column], data)
-    in_use = table[table[label_column].isin([c for classes in tasks.values() for c in classes])]
+    if origins is None:
+        origins = pd.Series(ORIGINAL, index=table.index)
+    is_original = origins.reindex(table.index) == ORIGINAL
+    original = table if is_original.all() else table[is_original]
+    tasks = resolve_tasks(original[label_column], data)
+    parts = _split_original(original, label_column, data, split, seed, tasks)
+    for name in origins[origins != ORIGINAL].unique():
+        batch = table[origins.reindex(table.index) == name]
+        added = split_batch(batch, label_column, tasks, split, seed)
+        parts = {key: pd.concat([part, added[key]]) for key, part in parts.items()}
+    return parts
+
+
+def _split_original(
+    table: pd.DataFrame,
+    label_column: str,
+    data: DataConfig,
+    split: SplitConfig,
+    seed: int,
+    tasks: dict[str, list[Hashable]],
+) -> dict[str, pd.DataFrame]:
+    """The stratified three-way split of the original rows, partitioned by task."""
+    in_use = _in_use(table, label_column, tasks)
     check_split_size(in_use[label_column], split)
     try:
-        rest, test = train_test_split(
-            in_use, test_size=split.test_fraction, stratify=in_use[label_column], random_state=seed
-        )
-        train, val = train_test_split(
-            rest,
-            test_size=split.val_fraction / (1 - split.test_fraction),
-            stratify=rest[label_column],
-            random_state=seed,
-        )
+        train, val, test = _three_way(in_use, label_column, split, seed, stratify=True)
     except ValueError as exc:  # a case check_split_size did not foresee: still the data's fault
         raise DataError(f"the data cannot be split as asked: {exc}") from None
-    parts = {
-        f"{task}_{name}": part[part[label_column].isin(classes)].sort_index()
-        for task, classes in tasks.items()
-        for name, part in zip(SPLITS, (train, val, test), strict=True)
-    }
+    parts = _by_task((train, val, test), label_column, tasks)
     if data.target_train_fraction < 1:
         parts["target_train"] = _subsample(
             parts["target_train"], label_column, data.target_train_fraction, seed
         )
     return parts
+
+
+def split_batch(
+    batch: pd.DataFrame,
+    label_column: str,
+    tasks: dict[str, list[Hashable]],
+    split: SplitConfig,
+    seed: int,
+) -> dict[str, pd.DataFrame]:
+    """Split one added batch with the same fractions as the original rows, on its own.
+
+    Stratified by class when the batch can be (:func:`check_split_size` passes), else a plain
+    seeded shuffle; a batch of fewer than :data:`MIN_BATCH_SPLIT_ROWS` rows (in use) goes to
+    training whole, as too few to hold any out. Rows of classes in no task are dropped, as the
+    original rows' are. ``data.target_train_fraction`` does not apply: the batch's labels were
+    added to be learnt. The result depends only on the batch and ``seed``, so a batch added
+    later never moves an earlier one's rows.
+
+    Returns:
+        One table per task and split, as :func:`split_table`'s, some possibly empty.
+    """
+    in_use = _in_use(batch, label_column, tasks)
+    if len(in_use) < MIN_BATCH_SPLIT_ROWS:
+        empty = in_use.iloc[:0]
+        return _by_task((in_use, empty, empty), label_column, tasks)
+    try:
+        check_split_size(in_use[label_column], split)
+        parts = _three_way(in_use, label_column, split, seed, stratify=True)
+    except (DataError, ValueError):  # too few rows of some class to stratify
+        parts = _three_way(in_use, label_column, split, seed, stratify=False)
+    return _by_task(parts, label_column, tasks)
+
+
+def _in_use(
+    table: pd.DataFrame, label_column: str, tasks: dict[str, list[Hashable]]
+) -> pd.DataFrame:
+    """The rows of a class of some task."""
+    return table[table[label_column].isin([c for classes in tasks.values() for c in classes])]
+
+
+def _three_way(
+    rows: pd.DataFrame, label_column: str, split: SplitConfig, seed: int, stratify: bool
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Train, validation and test rows: test first, then validation from the rest, seeded.
+
+    Raises:
+        ValueError: ``stratify`` and a class has too few rows for it (scikit-learn's error).
+    """
+    from sklearn.model_selection import train_test_split
+
+    rest, test = train_test_split(
+        rows,
+        test_size=split.test_fraction,
+        stratify=rows[label_column] if stratify else None,
+        random_state=seed,
+    )
+    train, val = train_test_split(
+        rest,
+        test_size=split.val_fraction / (1 - split.test_fraction),
+        stratify=rest[label_column] if stratify else None,
+        random_state=seed,
+    )
+    return train, val, test
+
+
+def _by_task(
+    splits: tuple[pd.DataFrame, ...], label_column: str, tasks: dict[str, list[Hashable]]
+) -> dict[str, pd.DataFrame]:
+    """``{task}_{split}`` parts of the train, val and test rows, each sorted by row id."""
+    return {
+        f"{task}_{name}": part[part[label_column].isin(classes)].sort_index()
+        for task, classes in tasks.items()
+        for name, part in zip(SPLITS, splits, strict=True)
+    }
 
 
 def summarize(parts: dict[str, pd.DataFrame], label_column: str) -> dict[str, Any]:
@@ -146,6 +241,24 @@ def summarize(parts: dict[str, pd.DataFrame], label_column: str) -> dict[str, An
         }
         for name, part in parts.items()
     }
+
+
+def part_origins(parts: dict[str, pd.DataFrame], origins: pd.Series | None) -> pd.Series:
+    """The origin of every row id in ``parts``, sorted by row id (all original without a record)."""
+    from trackflow.data.batches import ORIGIN_COLUMN, ORIGINAL
+
+    ids = pd.Index(sorted(set().union(*(part.index for part in parts.values()))), name="row_id")
+    if origins is None:
+        return pd.Series(ORIGINAL, index=ids, name=ORIGIN_COLUMN)
+    return origins.reindex(ids).rename(ORIGIN_COLUMN)
+
+
+def origin_counts(parts: dict[str, pd.DataFrame], origins: pd.Series) -> dict[str, dict[str, int]]:
+    """Rows per origin in each part: ``{"target_test": {"original": 270, "001-x": 45}}``."""
+    counts = {
+        name: origins.reindex(part.index).value_counts(sort=False) for name, part in parts.items()
+    }
+    return {name: {str(k): int(v) for k, v in found.items()} for name, found in counts.items()}
 
 
 def _subsample(part: pd.DataFrame, label_column: str, fraction: float, seed: int) -> pd.DataFrame:

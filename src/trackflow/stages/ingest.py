@@ -1,8 +1,10 @@
-"""Ingest: read the configured source into the canonical table and its profile.
+"""Ingest: read the source and the added batches into the canonical table and its profile.
 
-Writes ``<out>/dataset.parquet`` (features then label, index = row ids) and ``<out>/profile.json``
-(columns, dtypes, per-feature statistics, class counts, digest). Nothing is written if the data
-is refused.
+Writes ``<out>/dataset.parquet`` (features then label, index = row ids: the source's rows 0..N-1,
+then every batch under ``data.batches`` in the order added), ``<out>/profile.json`` (columns,
+dtypes, per-feature statistics, class counts, digest; the batches' names, rows and digests) and
+``<out>/origins.parquet`` (each row id's origin: ``original`` or its batch's name). Nothing is
+written if the data is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from trackflow.config import load_params
+    from trackflow.data.batches import ORIGINS_FILE
     from trackflow.data.ingest import ingest
     from trackflow.io import atomic_outputs, write_json, write_table
 
@@ -38,14 +41,17 @@ def run(args: argparse.Namespace) -> None:
             "when it changes. Move it under data/raw/ and `dvc add` it",
             source,
         )
-    table, profile = ingest(params.data)
+    table, profile, origins = ingest(params.data)
     with atomic_outputs(args.out) as (staging,):
         staging.mkdir()
         write_table(table, staging / "dataset.parquet")
         write_json(profile, staging / "profile.json")
+        write_table(origins.to_frame(), staging / ORIGINS_FILE)
+    batches = profile.get("batches", [])
     log.info(
-        "ingested %s: %d rows, %d features, %d classes, digest %s -> %s",
+        "ingested %s%s: %d rows, %d features, %d classes, digest %s -> %s",
         profile["source"],
+        f" and {len(batches)} batches ({sum(b['rows'] for b in batches)} rows)" if batches else "",
         profile["n_rows"],
         profile["n_features"],
         len(profile["class_counts"]),
