@@ -3,7 +3,10 @@
 One row per entry, oldest first: sequence, time, action (challenger, promote, reject, rollback),
 alias, version and the one it replaced, run id, reason, git commit, who, and the gate's metrics
 (with ``rows_compared`` and ``rows_excluded``: the labelled test rows it scored, and those it left
-out because a model had trained on them).
+out because a model had trained on them). Once labelled batches were added, the table also shows
+the challenger's accuracy on the original data's rows and on the batches' (``old_accuracy``,
+``new_accuracy``) and how much it lost on the original rows against the champion
+(``forgetting``).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ def run(args: argparse.Namespace) -> None:
         print(f"{name}: no ledger entries")
     else:
         columns = ["seq", "time", "action", "alias", "version", "previous", "accuracy"]
-        columns += ["anomaly_auroc", "rows_compared", "git_commit", "reason"]
+        columns += ["anomaly_auroc", "rows_compared"]
+        columns += [c for c in ("old_accuracy", "new_accuracy", "forgetting") if c in table]
+        columns += ["git_commit", "reason"]
         shown = table.reindex(columns=columns)
         shown["git_commit"] = shown["git_commit"].str[:10]
         shown["rows_compared"] = shown["rows_compared"].astype("Int64")  # a count, not 134.0000

@@ -372,7 +372,9 @@ def promote_if_better(
 
     Both are scored inside the lock, so a concurrent promotion cannot change the champion between
     the comparison and the move, and only on the gate rows neither trained or early-stopped on
-    (:func:`~trackflow.registry.gate.comparable_rows`). The decision is recorded on the version
+    (:func:`~trackflow.registry.gate.comparable_rows`); with rows of added batches among them, it
+    must beat the champion on those and may lose at most ``max_forgetting`` on the original
+    data's rows. The decision is recorded on the version
     (tags ``trackflow.gate.*``, its description), on its run (``gate/*`` metrics) and in the ledger.
 
     Args:
@@ -482,7 +484,7 @@ def _with_rows(
     """The decision with the labelled rows it scored and those left out as seen by a model."""
     from dataclasses import replace
 
-    rows = {"compared": used.n_labelled}
+    rows = decision.rows | {"compared": used.n_labelled}
     if known:
         rows["excluded"] = gate_set.n_labelled - used.n_labelled
     reason = decision.reason
@@ -519,7 +521,7 @@ def _record(
         previous=current,
         run_id=run_id,
         reason=decision.reason,
-        metrics=decision.challenger | {f"rows_{k}": v for k, v in decision.rows.items()},
+        metrics=decision.scores() | {f"rows_{k}": v for k, v in decision.rows.items()},
     )
     if decision.promote and alias_version(client, name, CHALLENGER) == version:
         client.delete_registered_model_alias(name, CHALLENGER)
@@ -528,7 +530,7 @@ def _record(
         "gate.reason": decision.reason,
         "gate.champion_version": current or "none",
         "gate.test_digest": digest,
-    } | {f"gate.{k}": f"{v:.6g}" for k, v in decision.challenger.items()}
+    } | {f"gate.{k}": f"{v:.6g}" for k, v in decision.scores().items()}
     tags |= {f"gate.rows_{k}": str(v) for k, v in decision.rows.items()}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, TAG_PREFIX + key, value)

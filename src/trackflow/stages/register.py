@@ -6,13 +6,15 @@ the lineage tags (git, params digest, DVC hashes from ``--lock``), then runs the
 (``promotion.*``): the challenger and the current ``champion`` are scored on the same pinned test
 rows (the target test split plus held-out anomalies), less any row either was trained or
 early-stopped on, and ``champion`` moves only if the challenger passes the floors and beats it with
-statistical support. The digests of the candidate's training and validation rows (every part of
-``--splits`` but the test parts) are logged to its run as ``gate/seen_rows.json`` for later gates.
-Writes ``--out`` (version, decision and every number of the gate under ``gate``) and
-``--metrics`` (what ``dvc metrics show`` prints: whether it was promoted, the difference on the
-primary metric and its statistical support). The challenger is
-scored before anything is registered, so a candidate that cannot score its own test rows changes
-nothing in the registry.
+statistical support; when the split holds rows of labelled batches added later
+(``origins.parquet``), it must beat it on those new rows and may lose at most
+``promotion.max_forgetting`` on the original data's rows. The digests of the candidate's training
+and validation rows (every part of ``--splits`` but the test parts) are logged to its run as
+``gate/seen_rows.json`` for later gates. Writes ``--out`` (version, decision and every number of
+the gate under ``gate``) and ``--metrics`` (what ``dvc metrics show`` prints: whether it was
+promoted, the difference on the primary metric, its statistical support and the forgetting on
+the original rows). The challenger is scored before anything is registered, so a candidate that
+cannot score its own test rows changes nothing in the registry.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from trackflow.io import require_inputs
 
 log = logging.getLogger(__name__)
 
-HEADLINE = ("gate/promoted", "gate/delta", "gate/p_value", "gate/ci_low")  # in --metrics
+HEADLINE = ("gate/promoted", "gate/delta", "gate/p_value", "gate/ci_low", "gate/forgetting")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
