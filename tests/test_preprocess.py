@@ -10,17 +10,21 @@ from sklearn.decomposition import PCA
 
 from tests.helpers import run_data_stages
 from trackflow.config import DataConfig, PreprocessConfig, SplitConfig
+from trackflow.data.batches import ORIGIN_COLUMN, ORIGINAL, ORIGINS_FILE, read_origins
 from trackflow.data.ingest import load_bundled, to_canonical
 from trackflow.data.preprocessing import (
+    ROW_DIGESTS_FILE,
     fit_preprocessor,
+    preprocess,
     training_features,
     transform_table,
     variance_metrics,
 )
 from trackflow.data.split import split_table
 from trackflow.errors import ConfigError
-from trackflow.io import read_json, read_table
-from trackflow.stages.preprocess import main as preprocess
+from trackflow.io import read_json, read_table, write_table
+from trackflow.registry.gate import row_digests
+from trackflow.stages.preprocess import main as preprocess_stage
 
 LABEL = "target"
 
@@ -194,7 +198,8 @@ def test_imputed_values_are_counted_in_the_metrics(write_params, tmp_path) -> No
     params = table_params(write_params, tmp_path / "iris.csv", {"data.non_finite": "impute"})
     assert run_data_stages(params) == 0
     assert read_json(tmp_path / "plots/all_metrics.json")["imputed_values"] == 3
-    processed = pd.concat(read_table(p) for p in (tmp_path / "processed").glob("*.parquet"))
+    tables = (tmp_path / "processed").glob("*_*.parquet")  # the parts, not the row digests
+    processed = pd.concat(read_table(p) for p in tables if p.name != ROW_DIGESTS_FILE)
     assert not processed.isna().any().any()
 
 
@@ -231,7 +236,7 @@ def test_a_bad_tracking_store_is_a_config_error(
 
 
 def test_stage_needs_the_split(write_params, capsys) -> None:
-    code = preprocess(
+    code = preprocess_stage(
         [
             "--params",
             str(write_params()),
@@ -258,3 +263,87 @@ def test_stage_failure_leaves_no_outputs_and_no_run(write_params, tmp_path, caps
         assert not (tmp_path / name).exists(), name
     assert not list(tmp_path.glob(".*.tmp-*"))
     assert not (tmp_path / "mlruns").exists()
+
+
+def with_batch(
+    parts: dict[str, pd.DataFrame], origins: pd.Series, seed: int = 0
+) -> tuple[dict[str, pd.DataFrame], pd.Series]:
+    """The parts with a batch of new rows (shifted copies of test rows) appended to every part.
+
+    Returns the parts and every row id's origin, the batch's ids following the original ones.
+    """
+    rng = np.random.default_rng(seed)
+    next_id = max(int(part.index.max()) for part in parts.values()) + 1
+    grown, batch_ids = {}, []
+    for name, part in parts.items():
+        rows = part.head(40).copy()
+        features = rows.columns != LABEL
+        rows.loc[:, features] = rows.loc[:, features] * 1.5 + rng.normal(size=(40, 64))
+        rows.index = pd.RangeIndex(next_id, next_id + 40, name=part.index.name)
+        next_id += 40
+        batch_ids += list(rows.index)
+        grown[name] = pd.concat([part, rows])
+    added = pd.Series("001-shifted", index=batch_ids, name=ORIGIN_COLUMN)
+    return grown, pd.concat([origins, added])
+
+
+def all_original(parts: dict[str, pd.DataFrame]) -> pd.Series:
+    ids = pd.concat(parts.values()).index
+    return pd.Series(ORIGINAL, index=ids, name=ORIGIN_COLUMN)
+
+
+@pytest.mark.parametrize("fit_on", ["target", "both"])
+def test_batch_rows_are_transformed_but_never_fitted_on(parts, fit_on) -> None:
+    settings = PreprocessConfig(fit_on=fit_on, pca={"n_components": 10})
+    before = preprocess(parts, settings, LABEL, impute=False, seed=0)
+    grown, origins = with_batch(parts, all_original(parts))
+    after = preprocess(grown, settings, LABEL, impute=False, seed=0, origins=origins)
+    unfiltered = preprocess(grown, settings, LABEL, impute=False, seed=0)
+
+    for step in ("scale", "pca"):
+        for attribute in ("mean_", "scale_", "components_"):
+            if hasattr(before.preprocessor.named_steps[step], attribute):
+                np.testing.assert_array_equal(
+                    getattr(after.preprocessor.named_steps[step], attribute),
+                    getattr(before.preprocessor.named_steps[step], attribute),
+                )
+    assert after.metrics == before.metrics
+    assert unfiltered.metrics["n_fit_rows"] > before.metrics["n_fit_rows"]  # the batch counts
+    for name, part in parts.items():  # every row transformed, the old ones as before
+        assert len(after.parts[name]) == len(grown[name])
+        pd.testing.assert_frame_equal(after.parts[name].loc[part.index], before.parts[name])
+
+
+def test_rows_without_an_origin_are_a_data_error(parts) -> None:
+    from trackflow.errors import DataError
+
+    origins = all_original(parts).drop(parts["target_train"].index[:5])
+    with pytest.raises(DataError, match=r"no origin.*run the split stage again"):
+        training_features(parts, "target", LABEL, origins)
+
+
+def test_stage_fits_on_the_original_rows_when_the_split_holds_a_batch(
+    write_params, tmp_path
+) -> None:
+    params = write_params({"preprocess.pca.n_components": 12})
+    assert run_data_stages(params) == 0
+    before = joblib.load(tmp_path / "models/preprocessor.joblib")
+    names = read_json(tmp_path / "split/summary.json")["parts"]
+    parts = {name: read_table(tmp_path / f"split/{name}.parquet") for name in names}
+    origins = read_origins(tmp_path / "split")
+    grown, origins = with_batch(parts, all_original(parts) if origins is None else origins)
+    for name, part in grown.items():
+        write_table(part, tmp_path / f"split/{name}.parquet")
+    write_table(origins.to_frame(), tmp_path / f"split/{ORIGINS_FILE}")
+
+    argv = ["--params", str(params), "--splits", "split", "--out", "processed"]
+    argv += ["--preprocessor", "models/preprocessor.joblib", "--metrics", "metrics/p.json"]
+    assert preprocess_stage([*argv, "--plots", "plots"]) == 0
+    after = joblib.load(tmp_path / "models/preprocessor.joblib")
+    rows = pd.concat(grown.values()).drop(columns=LABEL)
+    pd.testing.assert_frame_equal(after.transform(rows), before.transform(rows))
+    processed = read_table(tmp_path / "processed/target_train.parquet")
+    assert len(processed) == len(grown["target_train"])
+    digests = read_table(tmp_path / f"processed/{ROW_DIGESTS_FILE}")["digest"]
+    assert len(digests) == len(rows) and digests.index.is_unique
+    np.testing.assert_array_equal(digests.loc[rows.index], row_digests(rows, list(rows.columns)))

@@ -1,4 +1,11 @@
-"""Standardization then PCA, as one scikit-learn ``Pipeline`` fitted on training rows only."""
+"""Standardization then PCA, as one scikit-learn ``Pipeline`` fitted on training rows only.
+
+Only the original data's training rows are fitted on: rows of batches added later
+(:mod:`trackflow.data.batches`) are transformed like every row but never move the feature space,
+so a network trained before a batch came keeps reading the same features after it
+(``train.mode: continue``). Beside the transformed parts, each row's raw content digest is kept
+(:data:`ROW_DIGESTS_FILE`), to tell the rows a registered model saw from the new ones.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +23,15 @@ if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
 
 
+#: The preprocess stage's table of each row id's raw content digest (``digest`` column).
+ROW_DIGESTS_FILE = "row_digests.parquet"
+
+
 def training_features(
-    parts: dict[str, pd.DataFrame], fit_on: str, label_column: str
+    parts: dict[str, pd.DataFrame],
+    fit_on: str,
+    label_column: str,
+    origins: pd.Series | None = None,
 ) -> pd.DataFrame:
     """Features of the training rows the preprocessor learns from: never validation or test rows.
 
@@ -25,6 +39,8 @@ def training_features(
         parts: Split tables by name (``"source_train"``, ``"target_val"``, ...).
         fit_on: ``"source"``, ``"target"`` or ``"both"`` training sets.
         label_column: Column to drop.
+        origins: Each row id's origin (:func:`trackflow.data.batches.read_origins`): only the
+            original rows are kept. None: every row is original.
     """
     tasks = ("source", "target") if fit_on == "both" else (fit_on,)
     chosen = [parts[f"{task}_train"] for task in tasks if f"{task}_train" in parts]
@@ -33,7 +49,41 @@ def training_features(
             f"preprocess.fit_on={fit_on!r} but there is no {fit_on} task (data.source_classes is "
             "null); use 'target' or 'both'"
         )
-    return pd.concat(chosen).drop(columns=label_column)
+    features = pd.concat(chosen).drop(columns=label_column)
+    if origins is None:
+        return features
+    return features[original_rows(features.index, origins)]
+
+
+def original_rows(ids: pd.Index, origins: pd.Series) -> np.ndarray:
+    """Whether each row id is one of the original data's rows, shape (n_rows,).
+
+    Raises:
+        DataError: Some row ids have no recorded origin (the split's origins are out of date).
+    """
+    from trackflow.data.batches import ORIGINAL
+
+    missing = ids.difference(origins.index)
+    if len(missing):
+        raise DataError(
+            f"{len(missing)} row ids (e.g. {missing[0]}) have no origin in the split's origins "
+            "file; run the split stage again (dvc repro split)"
+        )
+    return (origins.reindex(ids) == ORIGINAL).to_numpy()
+
+
+def row_digest_table(parts: dict[str, pd.DataFrame], label_column: str) -> pd.DataFrame:
+    """Each row id's raw content digest (:func:`trackflow.registry.gate.row_digests`).
+
+    Returns:
+        One row per row id of every part, column ``digest``, the feature columns hashed in their
+        order in the parts.
+    """
+    from trackflow.registry.gate import row_digests
+
+    rows = pd.concat(parts.values())
+    columns = [c for c in rows.columns if c != label_column]
+    return pd.DataFrame({"digest": row_digests(rows, columns)}, index=rows.index)
 
 
 def build_preprocessor(config: PreprocessConfig, impute: bool, seed: int) -> Pipeline:
@@ -182,6 +232,7 @@ def preprocess(
     label_column: str,
     impute: bool,
     seed: int,
+    origins: pd.Series | None = None,
 ) -> Preprocessed:
     """Fit on the configured training rows, transform every part, measure the variance kept.
 
@@ -191,8 +242,10 @@ def preprocess(
         label_column: Class column, carried through untouched.
         impute: Whether to fill NaN with the training median (``data.non_finite: impute``).
         seed: Seed for PCA's solver.
+        origins: Each row id's origin: the preprocessor learns from the original rows only
+            (batches added later are transformed, never fitted on). None: all rows original.
     """
-    features = training_features(parts, config.fit_on, label_column)
+    features = training_features(parts, config.fit_on, label_column, origins)
     preprocessor = fit_preprocessor(features, config, impute, seed)
     transformed = {
         name: transform_table(preprocessor, part, label_column) for name, part in parts.items()

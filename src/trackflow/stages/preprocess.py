@@ -1,6 +1,9 @@
 """Preprocess: fit scaling + PCA on training rows, transform every split, record the spectrum.
 
-Writes the transformed parts and ``meta.json`` (dataset digest, raw feature columns) to ``<out>/``,
+Only the original data's training rows are fitted on (the split's ``origins.parquet``): rows of
+added batches are transformed, never learned from, so adding a batch leaves the fitted pipeline as
+it was. Writes the transformed parts, ``meta.json`` (dataset digest, raw feature columns) and
+``row_digests.parquet`` (each row id's raw content digest) to ``<out>/``,
 the fitted pipeline to ``--preprocessor`` (joblib), the explained variance and the number of
 components to ``--metrics`` (what ``dvc metrics show`` prints), and every number
 (``all_metrics.json``: also the input width, rows fitted on, values imputed) and the spectrum
@@ -40,7 +43,13 @@ def run(args: argparse.Namespace) -> None:
     import joblib
 
     from trackflow.config import flatten_params, load_params
-    from trackflow.data.preprocessing import plot_spectrum, preprocess
+    from trackflow.data.batches import read_origins
+    from trackflow.data.preprocessing import (
+        ROW_DIGESTS_FILE,
+        plot_spectrum,
+        preprocess,
+        row_digest_table,
+    )
     from trackflow.io import atomic_outputs, read_json, read_table, write_json, write_table
     from trackflow.tracking import TAG_PREFIX, log_metrics, log_params, setup_tracking, tracked_run
 
@@ -49,9 +58,9 @@ def run(args: argparse.Namespace) -> None:
     require_inputs(args.splits / "summary.json", made_by="split")
     summary = read_json(args.splits / "summary.json")
     parts = {name: read_table(args.splits / f"{name}.parquet") for name in summary["parts"]}
-    result = preprocess(
-        parts, params.preprocess, label, params.data.non_finite == "impute", params.base.seed
-    )
+    impute = params.data.non_finite == "impute"
+    origins = read_origins(args.splits)
+    result = preprocess(parts, params.preprocess, label, impute, params.base.seed, origins)
     metrics = result.metrics
     tracking = setup_tracking(params.base.mlflow)
     tags = {
@@ -72,6 +81,7 @@ def run(args: argparse.Namespace) -> None:
         plots.mkdir()
         for name, part in result.parts.items():
             write_table(part, out / f"{name}.parquet")
+        write_table(row_digest_table(parts, label), out / ROW_DIGESTS_FILE)
         write_json(
             {
                 "dataset_digest": summary["dataset_digest"],
@@ -93,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
         log_metrics(tracking, run_id, {f"preprocess/{k}": v for k, v in metrics.items()})
         tracking.client.log_artifacts(run_id, str(plots), artifact_path="preprocess")
     log.info(
-        "preprocessor fitted on %d training rows (%s): %d features -> %d components "
+        "preprocessor fitted on %d original training rows (%s): %d features -> %d components "
         "(%.1f%% of variance); MLflow run %s",
         metrics["n_fit_rows"],
         params.preprocess.fit_on,
