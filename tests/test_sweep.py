@@ -263,7 +263,9 @@ def test_ctrl_c_stops_cleanly_and_a_killed_sweep_resumes(
     """Ctrl-C: exit 130, study intact. kill -9: the running trial is not counted, runs again."""
     import optuna
 
-    params = sweep_params({"sweep.n_trials": 3, "train.max_epochs": 3})
+    # Trials of a few seconds each, so that the signals land while the sweep still runs trials
+    slow = {"train.max_epochs": 15, "train.early_stopping_patience": None}
+    params = sweep_params({"sweep.n_trials": 3, **slow})
     process = _start(params, processed)
     _wait_for_complete(tmp_path, process, 1)
     process.send_signal(signal.SIGINT)

@@ -105,6 +105,11 @@ class DataConfig(_Section):
         description="Fraction of each target class's training rows kept (at least one), to "
         "simulate few labels.",
     )
+    batches: str | None = Field(
+        "data/batches",
+        description="Folder of labelled batches added with `trackflow add-batch`; the dataset is "
+        "the source's rows followed by every batch's, in the order they were added. null = none.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -388,11 +393,13 @@ def _check_member_override(where: str, key: str, value: Any) -> None:
 class TrainConfig(OptimizationConfig):
     """Adaptation to the target task."""
 
-    mode: Literal["finetune", "feature_extraction", "scratch"] = Field(
+    mode: Literal["finetune", "feature_extraction", "scratch", "continue"] = Field(
         "finetune",
         description="finetune: the backbone keeps training at backbone_lr_ratio x lr; "
         "feature_extraction: the backbone is frozen, only the new head trains; "
-        "scratch: a new backbone, trained from random weights (the baseline).",
+        "scratch: a new backbone, trained from random weights (the baseline); "
+        "continue: the champion's network keeps training, on the rows it has not seen mixed "
+        "with a replay of those it has (replay_fraction), at continue_lr.",
     )
     backbone: str | None = Field(
         "pretrained",
@@ -402,6 +409,16 @@ class TrainConfig(OptimizationConfig):
     backbone_lr_ratio: float = Field(0.8908, gt=0, le=1)
     unfreeze_at_epoch: NonNegativeInt = Field(
         0, description="finetune: epoch at which the backbone starts training (frozen before)."
+    )
+    replay_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="continue: share of the champion's training rows replayed beside the new "
+        "rows (stratified by class, seeded), so that it does not forget them.",
+    )
+    continue_lr: float = Field(
+        0.001, gt=0, description="continue: learning rate of the whole network."
     )
     ensemble: EnsembleConfig = EnsembleConfig()
 
@@ -532,6 +549,14 @@ class PromotionConfig(_Section):
     )
     lock_timeout_s: float = Field(
         300.0, gt=0, description="How long a promotion waits for another one to finish."
+    )
+    max_forgetting: float = Field(
+        0.01,
+        ge=0,
+        lt=1,
+        description="With added batches, the challenger must beat the champion on the batches' "
+        "held-out rows and may lose at most this much of the primary metric on the original "
+        "data's held-out rows.",
     )
 
     @model_validator(mode="after")

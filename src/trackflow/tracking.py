@@ -45,6 +45,7 @@ TRANSIENT_SIGNS = (
     "connection reset",
     "connection aborted",
     "remote end closed connection",
+    "connection broken",  # a response cut short: the server went away mid-answer
     "temporary failure in name resolution",
     "read timed out",
     "connect timeout",
@@ -296,7 +297,7 @@ def log_params(tracking: Tracking, run_id: str, params: dict[str, Any]) -> None:
 
     batch = [Param(key, redact(yaml_text(value))) for key, value in params.items()]
     for start in range(0, len(batch), 100):  # MLflow takes at most 100 params per call
-        tracking.client.log_batch(run_id, params=batch[start : start + 100])
+        _log_batch(tracking, run_id, params=batch[start : start + 100])
 
 
 def yaml_text(value: Any) -> str:
@@ -335,7 +336,7 @@ def set_tags(tracking: Tracking, run_id: str, tags: dict[str, Any]) -> None:
     """Set many tags in one call."""
     from mlflow.entities import RunTag
 
-    tracking.client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+    _log_batch(tracking, run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
 
 def log_metrics(tracking: Tracking, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
@@ -345,10 +346,34 @@ def log_metrics(tracking: Tracking, run_id: str, metrics: dict[str, float], step
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    tracking.client.log_batch(
+    _log_batch(
+        tracking,
         run_id,
         metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()],
     )
+
+
+#: Seconds between the tries of a batch of params, metrics or tags cut short by the server.
+LOG_BATCH_BACKOFF_S = (1.0, 3.0, 9.0)
+
+
+def _log_batch(tracking: Tracking, run_id: str, **batch: Any) -> None:
+    """``log_batch``, tried again when its answer was lost (:func:`is_transient`).
+
+    MLflow's client retries a refused connection, not a response cut short (a server restarted
+    mid-answer: "Connection broken: IncompleteRead"). Sending the same batch twice is harmless:
+    tags and params are set to the same values, and a metric point that exists is not added again.
+    """
+    import time
+
+    for pause in (*LOG_BATCH_BACKOFF_S, None):
+        try:
+            tracking.client.log_batch(run_id, **batch)
+            return
+        except Exception as exc:  # MLflow wraps the transport's errors in MlflowException
+            if pause is None or not is_transient(exc):
+                raise
+            time.sleep(pause)
 
 
 def _artifact_uri(location: str, tracking_uri: str) -> str | None:

@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _print_summary(summary: dict[str, Any], metric: str) -> None:
+    if "n_complete" not in summary:  # interrupted before the study was summed up
+        return
     counts = (
         f"{summary['n_complete']} complete, {summary['n_pruned']} pruned, "
         f"{summary['n_failed']} failed, {summary['n_interrupted']} interrupted (run again)"

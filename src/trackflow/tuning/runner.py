@@ -22,7 +22,8 @@ class SweepRun:
     """What one run of a sweep did.
 
     Attributes:
-        summary: The study's summary (:func:`trackflow.tuning.report.log_study`).
+        summary: The study's summary (:func:`trackflow.tuning.report.log_study`); only its
+            ``study`` when Ctrl-C came while it was being summed up.
         storage_url: The Optuna storage.
         parent_run_id: The sweep's MLflow run.
         interrupted: Ctrl-C stopped it; the study is intact and resumes.
@@ -90,7 +91,10 @@ def run_study(params: Params, data_dir: Path, backbone: Path, progress: bool = T
             if reporter is not None:
                 reporter.close()
         interrupted = result.interrupted
-    summary = log_study(tracking, parent, study, params.sweep, time.perf_counter() - start)
+    try:
+        summary = log_study(tracking, parent, study, params.sweep, time.perf_counter() - start)
+    except KeyboardInterrupt:  # Ctrl-C after the last trial: a resumed sweep logs the summary
+        interrupted, summary = True, {"study": name}
     tracking.client.set_terminated(parent, status="KILLED" if interrupted else "FINISHED")
     return SweepRun(summary, url, parent, interrupted)
 
