@@ -523,3 +523,71 @@ def test_test_rows_without_the_versions_columns_are_refused_in_one_line(
         "columns pixel_0_0, pixel_0_1, pixel_0_2, ... (64 in all)"
     )
     assert state(candidate_store) == before
+
+
+def split_with_a_batch(candidate: Candidate, folder: Path) -> Path:
+    """The candidate's split, with every other target test row taken as a labelled batch's row.
+
+    Its ``origins.parquet`` says where each row id comes from, as the split stage writes it when
+    ``trackflow add-batch`` added rows: here half of the held-out target rows are "new".
+    """
+    from trackflow.data.batches import ORIGIN_COLUMN, ORIGINAL, ORIGINS_FILE
+    from trackflow.registry.gate import read_parts
+
+    shutil.copytree(candidate.files["splits"], folder)
+    ids = pd.concat(read_parts(folder).values()).index
+    origins = pd.Series(ORIGINAL, index=ids, name=ORIGIN_COLUMN)
+    origins[pd.read_parquet(folder / "target_test.parquet").index[::2]] = "001-new"
+    origins.to_frame().to_parquet(folder / ORIGINS_FILE)
+    return folder
+
+
+def test_with_a_batch_the_gate_asks_for_better_on_its_rows_and_no_forgetting_of_the_others(
+    candidates, candidate_store, write_params, tmp_path
+) -> None:
+    client = MlflowClient()
+    splits = str(split_with_a_batch(candidates["good"], tmp_path / "batch-split"))
+    params = write_params({"model.name": candidate_store, **LOW_FLOORS})
+
+    def gate(candidate: Candidate) -> dict:
+        argv = register_argv(candidate, params)
+        argv[argv.index("--splits") + 1] = splits
+        assert register(argv) == 0
+        return read_json("registered.json")
+
+    first = gate(candidates["weak"])
+    assert first["promoted"] and "; accuracy on the original rows " in first["reason"]
+    assert first["rows"] == {"compared": 134, "excluded": 0, "old": 67, "new": 67}
+    assert first["gate"]["gate/forgetting"] is None and first["gate"]["gate/rows_new"] == 67
+
+    better = gate(candidates["good"])  # much better on the new rows, and on the old ones
+    assert better["promoted"], better["reason"]
+    assert better["reason"].startswith("better: accuracy on the new rows ")
+    assert "within max_forgetting 0.01)" in better["reason"]
+    numbers = better["gate"]
+    assert numbers["gate/delta"] == pytest.approx(
+        numbers["gate/challenger/new/accuracy"] - numbers["gate/champion/new/accuracy"]
+    )
+    assert numbers["gate/forgetting"] < 0  # better on the original rows too
+
+    forgets = gate(candidates["weak"])  # the weak one again, against the good champion
+    assert not forgets["promoted"] and aliases(candidate_store)[CHAMPION] == "2"
+    old = {
+        role: forgets["gate"][f"gate/{role}/old/accuracy"] for role in ("challenger", "champion")
+    }
+    assert forgets["reason"].startswith(
+        f"forgets: accuracy on the original rows {old['challenger']:.4f} vs champion "
+        f"{old['champion']:.4f} ({old['challenger'] - old['champion']:+.4f} > max_forgetting 0.01)"
+        "; accuracy on the new rows "
+    )
+    assert read_json("register.json")["gate/forgetting"] == pytest.approx(
+        old["champion"] - old["challenger"]
+    )
+    entry = ledger(client, candidate_store)[-1]
+    assert entry.action == "reject" and entry.metrics["rows_new"] == 67
+    assert entry.metrics["old_accuracy"] == pytest.approx(old["challenger"])
+    assert entry.metrics["forgetting"] == pytest.approx(old["champion"] - old["challenger"])
+    tags = client.get_model_version(candidate_store, "3").tags
+    assert float(tags["trackflow.gate.forgetting"]) == pytest.approx(entry.metrics["forgetting"])
+    run = client.get_run(forgets["run_id"]).data.metrics
+    assert run["gate/challenger/new/accuracy"] == forgets["gate"]["gate/challenger/new/accuracy"]
