@@ -6,7 +6,9 @@
 Loading the model and recording the MLflow run are retried on transient faults (a locked SQLite
 store, an unreachable server); a bad batch fails at once, before anything is written. The run goes
 to the ``<experiment>-scoring`` experiment, beside the candidates'; the report names the drift
-rules that fired.
+rules that fired. A batch found drifted emits the Prefect event ``trackflow.batch.drifted`` about
+the model (resource ``trackflow.model.<model.name>``): the ``retrain`` deployment of
+``prefect.yaml`` is triggered by it (docs/online-learning.md).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -27,6 +29,7 @@ from trackflow.config import BatchConfig, MlflowConfig, load_params
 from trackflow.errors import TrackflowError
 from trackflow.pipeline.driver import repo_tracking_config
 from trackflow.pipeline.report import render_batch_markdown
+from trackflow.pipeline.schedule import DRIFT_EVENT, model_resource
 from trackflow.registry.loading import LoadedVersion
 from trackflow.registry.uris import served_model_uri
 from trackflow.serving.batch import (
@@ -76,6 +79,38 @@ def record(
     return log_batch_run(tracking, result, model, batch, outputs, tags, source="flows.scoring")
 
 
+def emit_drift(model_name: str, batch: Path, summary: dict[str, Any]) -> Any:
+    """Emit ``trackflow.batch.drifted`` about registered model ``model_name``; the event sent.
+
+    The resource is ``trackflow.model.<model_name>`` (what the ``retrain`` deployment's trigger
+    matches); the payload names the batch, the version that scored it, the rules that fired and
+    the anomaly rate. Inside a flow run Prefect relates the event to the run and its flow. None
+    when Prefect emits no events (no API to send them to).
+
+    Args:
+        model_name: The registered model whose version scored the batch.
+        batch: The batch's file.
+        summary: :func:`batch_scoring_flow`'s summary of the batch.
+    """
+    from prefect.events import emit_event
+
+    drift, counts = summary["drift"], summary["counts"]
+    payload = {
+        "batch": str(batch),
+        "model_name": model_name,
+        "model_uri": summary["model_uri"],
+        "model_version": str(summary["model_version"]),
+        "rules_fired": list(drift["rules_fired"]),
+        "n_rows": counts["n_rows"],
+        "anomaly_rate": counts["anomaly_rate"],
+        "expected_anomaly_rate": drift.get("expected_anomaly_rate"),
+        "share_drifted": drift["share_drifted"],
+        "max_psi": drift["max_psi"],
+        "mlflow_run_id": summary["mlflow_run_id"],
+    }
+    return emit_event(DRIFT_EVENT, resource=model_resource(model_name), payload=payload)
+
+
 @flow(name="trackflow-batch-scoring")
 def batch_scoring_flow(
     batch: str,
@@ -98,7 +133,8 @@ def batch_scoring_flow(
             ``batch.drift_share``.
 
     Returns:
-        Counts, anomaly rate, drift summary, output paths and the MLflow run id; also published
+        Counts, anomaly rate, drift summary, output paths, the MLflow run id and the id of the
+        drift event emitted (``drift_event``, None when the batch did not drift); also published
         as the markdown artifact ``trackflow-batch-scoring``.
     """
     path = Path(batch).resolve()
@@ -124,6 +160,14 @@ def batch_scoring_flow(
         "outputs": [str(p) for p in outputs],
         "mlflow_run_id": run_id,
     }
+    name = model.registered.name if model.registered else validated.model.name
+    event = emit_drift(name, path, summary) if drift.detected else None
+    summary["drift_event"] = str(event.id) if event else None
+    if event:
+        get_run_logger().info(
+            "batch %s drifted (%s): emitted %s about %s (event %s)",
+            path.name, ", ".join(summary["drift"]["rules_fired"]), DRIFT_EVENT, name, event.id,
+        )  # fmt: skip
     create_markdown_artifact(
         key=ARTIFACT_KEY,
         markdown=render_batch_markdown(summary),
