@@ -243,6 +243,8 @@ def test_better_on_the_new_rows_and_forgetting_within_the_limit_is_promoted() ->
         "champion 0.9800 (-0.0100, within max_forgetting 0.01)"
     )
     assert decision.delta == pytest.approx(0.35) and decision.forgetting == pytest.approx(0.01)
+    same = decide(by_origin(2, 5), champion, CONFIG)
+    assert same.reason.endswith("vs champion 0.9800 (+0.0000, within max_forgetting 0.01)")
     assert decision.support["rows_broken"] == 0  # the test is on the new rows only
     metrics = decision.metrics()
     assert metrics["gate/challenger/old/accuracy"] == pytest.approx(0.97)

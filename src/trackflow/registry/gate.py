@@ -493,7 +493,7 @@ def _compare_by_origin(
     forgetting = old["champion"] - old["challenger"]
     on_old = (
         f"{metric} on the original rows {old['challenger']:.4f} vs champion "
-        f"{old['champion']:.4f} ({-forgetting:+.4f}"
+        f"{old['champion']:.4f} ({old['challenger'] - old['champion']:+.4f}"
     )
     on_new = f"{metric} on the new rows {new['challenger']:.4f} vs champion {new['champion']:.4f}"
     report = parts.report() | {"forgetting": forgetting}
