@@ -270,3 +270,67 @@ def test_a_parquet_text_column_names_its_first_non_number(write_params, tmp_path
     err = capsys.readouterr().err
     assert "2 feature columns are not numeric: a, c" in err
     assert "a holds '[1.]' in data row 1; c holds 'n/a' in data row 4" in err
+
+
+# --- batches added with trackflow add-batch ------------------------------------------------------
+
+
+def test_without_batches_every_row_is_original(write_params, tmp_path) -> None:
+    from trackflow.data.batches import ORIGINAL, read_origins
+
+    assert run_ingest(write_params, tmp_path) == 0
+    origins = read_origins(tmp_path / "out")
+    assert (origins == ORIGINAL).all() and list(origins.index) == list(range(1797))
+    assert "batches" not in read_json(tmp_path / "out/profile.json")
+
+
+def test_batches_follow_the_source_rows_in_name_order(write_params, tmp_path) -> None:
+    from trackflow.data.batches import read_origins
+
+    folder = tmp_path / "batches"
+    folder.mkdir()
+    (folder / "README.md").write_text("not a batch")
+    tiny_table(6).assign(label=2).to_parquet(folder / "002-b.parquet", index=False)
+    tiny_table(9).to_parquet(folder / "001-a.parquet", index=False)
+    source = _write(tmp_path, tiny_table(), "t.csv")
+    code = run_ingest(
+        write_params, tmp_path, source=str(source), label_column="label", batches=str(folder)
+    )
+    assert code == 0
+    table = read_table(tmp_path / "out/dataset.parquet")
+    assert list(table.index) == list(range(45))
+    pd.testing.assert_frame_equal(
+        table.iloc[30:39].reset_index(drop=True), tiny_table(9), check_index_type=False
+    )
+    origins = read_origins(tmp_path / "out")
+    assert list(origins.iloc[28:]) == ["original"] * 2 + ["001-a"] * 9 + ["002-b"] * 6
+    batches = read_json(tmp_path / "out/profile.json")["batches"]
+    assert [(b["name"], b["rows"]) for b in batches] == [("001-a", 9), ("002-b", 6)]
+    assert batches[1]["digest"] == table_digest(table.iloc[39:].reset_index(drop=True))
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        (
+            tiny_table(5).drop(columns="c"),
+            r"001-x.parquet': the batch's columns.*missing columns c",
+        ),
+        (tiny_table(5).assign(label=7), r"classes 7 that the dataset does not"),
+        ("a .dvc file only", r"001-x.parquet.dvc.*are tracked by DVC.*run `dvc pull`"),
+    ],
+)
+def test_a_bad_or_absent_batch_names_itself(write_params, tmp_path, capsys, batch, message):
+    folder = tmp_path / "batches"
+    folder.mkdir()
+    if isinstance(batch, str):
+        (folder / "001-x.parquet.dvc").write_text("outs: []\n")
+    else:
+        batch.to_parquet(folder / "001-x.parquet", index=False)
+    source = _write(tmp_path, tiny_table(), "t.csv")
+    code = run_ingest(
+        write_params, tmp_path, source=str(source), label_column="label", batches=str(folder)
+    )
+    assert code == 3
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()

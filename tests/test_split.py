@@ -180,3 +180,71 @@ def test_stage_refuses_too_small_data_and_writes_nothing(write_params, tmp_path,
     )
     assert code == 3 and "too few" in capsys.readouterr().err
     assert not (tmp_path / "split").exists()
+
+
+# --- added batches (trackflow add-batch): split on their own, appended ---------------------------
+
+
+def with_batches(digits: pd.DataFrame, *sizes: int) -> tuple[pd.DataFrame, pd.Series]:
+    """The digits followed by batches of ``sizes`` rows (copies of digits rows), and origins."""
+    from trackflow.data.batches import ORIGINAL
+
+    batches = [digits.sample(n, random_state=i) for i, n in enumerate(sizes)]
+    table = pd.concat([digits, *batches], ignore_index=True).rename_axis("row_id")
+    names = [ORIGINAL] * len(digits)
+    for i, n in enumerate(sizes):
+        names += [f"{i + 1:03d}-b"] * n
+    return table, pd.Series(names, index=table.index, name="origin")
+
+
+def test_batches_leave_the_original_parts_as_they_were(digits) -> None:
+    table, origins = with_batches(digits, 200, 12)
+    without = split(digits)
+    parts = split_table(table, LABEL, DataConfig(), SplitConfig(), 0, origins)
+    for name, part in parts.items():
+        pd.testing.assert_frame_equal(part.loc[part.index < len(digits)], without[name])
+    ids = [set(part.index) for part in parts.values()]
+    assert sum(map(len, ids)) == len(table) == len(set().union(*ids))
+
+
+def test_a_batch_is_split_with_the_same_fractions_stratified_and_on_its_own(digits) -> None:
+    table, origins = with_batches(digits, 200, 100)
+    parts = split_table(table, LABEL, DataConfig(), SplitConfig(), 0, origins)
+    first = {n: p.index[origins[p.index] == "001-b"] for n, p in parts.items()}
+    assert sum(len(ids) for n, ids in first.items() if n.endswith("_test")) == 30  # 0.15 x 200
+    alone, alone_origins = with_batches(digits, 200)  # without the second batch: the same rows
+    again = split_table(alone, LABEL, DataConfig(), SplitConfig(), 0, alone_origins)
+    for name, part in again.items():
+        assert list(part.index[part.index >= len(digits)]) == list(first[name])
+
+
+def test_a_tiny_or_one_class_batch_still_splits(digits) -> None:
+    from trackflow.data.split import MIN_BATCH_SPLIT_ROWS
+
+    sevens = digits[digits[LABEL] == 7]
+    tiny, one_class = sevens.iloc[: MIN_BATCH_SPLIT_ROWS - 1], sevens.iloc[:40]
+    table = pd.concat([digits, tiny, one_class], ignore_index=True).rename_axis("row_id")
+    names = ["original"] * len(digits) + ["001-tiny"] * len(tiny) + ["002-sevens"] * 40
+    origins = pd.Series(names, index=table.index)
+    parts = split_table(table, LABEL, DataConfig(), SplitConfig(), 0, origins)
+    counts = {n: origins[p.index].value_counts() for n, p in parts.items()}
+    assert counts["target_train"]["001-tiny"] == len(tiny)  # too few to hold out: all train
+    assert sum(c.get("001-tiny", 0) for c in counts.values()) == len(tiny)
+    assert counts["target_test"]["002-sevens"] == 6  # one class: still 0.15 held out
+    assert sum(c.get("002-sevens", 0) for c in counts.values()) == 40
+
+
+def test_stage_writes_origins_and_counts_per_origin(write_params, tmp_path, digits) -> None:
+    from trackflow.data.batches import ORIGINS_FILE, read_origins
+
+    table, origins = with_batches(digits, 50)
+    table.to_parquet(tmp_path / "dataset.parquet")
+    origins.to_frame().to_parquet(tmp_path / ORIGINS_FILE)
+    argv = ["--params", str(write_params()), "--dataset", str(tmp_path / "dataset.parquet")]
+    assert split_stage([*argv, "--out", str(tmp_path / "split")]) == 0
+    summary = read_json(tmp_path / "split/summary.json")
+    written = read_origins(tmp_path / "split")
+    assert written.index.is_monotonic_increasing and len(written) == len(table)
+    assert written.value_counts().to_dict() == {"original": len(digits), "001-b": 50}
+    assert sum(c.get("001-b", 0) for c in summary["origins"].values()) == 50
+    assert [b["name"] for b in summary["batches"]] == ["001-b"]
