@@ -179,3 +179,36 @@ def test_ingest_and_split_append_the_batches_and_keep_the_original_parts(
     assert summary["origins"]["target_train"]["002-tiny"] == 6
     assert sum(summary["origins"][f"target_{s}"]["001-a"] for s in ("train", "val", "test")) == 80
     assert summary["origins"]["target_test"]["001-a"] == 12  # ceil(0.15 x 80)
+
+
+def test_the_batches_a_model_saw_are_a_tag_its_lineage_shows() -> None:
+    from trackflow.registry.lineage import BATCHES_TAG, batches_tag, format_trace, read_batches_tag
+
+    batches = [
+        {"name": "001-shifted", "digest": "6c5cdac57c95ffae", "rows": 600},
+        {"name": "002-more", "digest": "0616c6ac71e449fc", "rows": 5},
+    ]
+    (key, value), *others = batches_tag(batches).items()
+    assert key == f"trackflow.{BATCHES_TAG}" and not others
+    assert read_batches_tag(value) == batches
+    assert read_batches_tag(batches_tag([])[key]) == [] and read_batches_tag(None) is None
+    chain = {
+        "data": {"source": "sklearn:digits", "digest": "d", "dvc": {}, "datasets": []},
+        "preprocessing": {"run_id": None},
+        "backbone": {"source": None, "run_id": None, "version": None},
+        "training": {
+            **dict.fromkeys(("run_id", "mode", "status", "git_commit", "git_dirty")),
+            **dict.fromkeys(("params_hash", "prefect_flow_run_id")),
+        },
+        "model": {"name": "m", "version": "2", "source": "s", "aliases": [], "gate": None},
+        "history": [],
+    }
+    assert "batch" not in format_trace(chain)  # a model trained before batches existed
+    chain["data"]["batches"] = batches
+    lines = format_trace(chain).splitlines()
+    assert lines[1:3] == [
+        "  batch        001-shifted  600 rows  digest 6c5cdac57c95ffae",
+        "  batch        002-more  5 rows  digest 0616c6ac71e449fc",
+    ]
+    chain["data"]["batches"] = []
+    assert "  batches      none (the original data only)" in format_trace(chain)

@@ -1,9 +1,10 @@
 """Lineage: which code, params, data and backbone a model came from, and where it went since.
 
-Training runs are tagged when they start (:func:`run_tags`, :func:`log_datasets`); the register
-stage adds the DVC hashes of what the candidate consumed (:func:`dvc_hashes`). :func:`trace`
-walks back from a registered version: data -> preprocessing -> backbone -> training run -> model
-version -> alias history.
+Training runs are tagged when they start (:func:`run_tags`, :func:`log_datasets`, and
+:func:`batches_tag`: the labelled batches added to the data it trained on); the register stage
+adds the DVC hashes of what the candidate consumed (:func:`dvc_hashes`). :func:`trace` walks back
+from a registered version: data (and batches) -> preprocessing -> backbone -> training run ->
+model version -> alias history.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 #: Environment variable through which an orchestrator passes its run id to the stages.
 FLOW_RUN_ENV = "TRACKFLOW_FLOW_RUN_ID"
+#: Tag (unprefixed) naming the added batches a run's data held: ``name:digest:rows``, ``;``-joined.
+BATCHES_TAG = "data_batches"
 
 
 def git_state(cwd: str | Path = ".") -> dict[str, str]:
@@ -58,13 +61,34 @@ def run_tags(params: Params) -> dict[str, str]:
     return {TAG_PREFIX + k: v for k, v in tags.items()}
 
 
+def batches_tag(batches: list[dict[str, Any]]) -> dict[str, str]:
+    """The :data:`BATCHES_TAG` tag of a run whose data held ``batches`` (the split's summary's).
+
+    Args:
+        batches: ``{"name", "digest", "rows"}`` of each added batch, in the order added; empty:
+            the original data only (tagged ``none``).
+    """
+    value = ";".join(f"{b['name']}:{b['digest']}:{b['rows']}" for b in batches) or "none"
+    return {TAG_PREFIX + BATCHES_TAG: value}
+
+
+def read_batches_tag(value: str | None) -> list[dict[str, Any]] | None:
+    """The batches a :data:`BATCHES_TAG` value names; None for a run without the tag."""
+    if value is None:
+        return None
+    if value == "none":
+        return []
+    entries = (entry.rsplit(":", 2) for entry in value.split(";"))
+    return [{"name": n, "digest": d, "rows": int(r)} for n, d, r in entries]
+
+
 def training_lineage(tracking: Tracking, run_id: str, params: Params) -> dict[str, str]:
-    """The lineage tags a training run got when it started (:func:`run_tags`, data digest).
+    """The lineage tags a training run got when it started (:func:`run_tags`, data, batches).
 
     For a run trained before those tags existed, the tags of ``params`` and the current commit.
     """
     tags = tracking.client.get_run(run_id).data.tags
-    keys = [*run_tags(params), TAG_PREFIX + "data_digest"]
+    keys = [*run_tags(params), TAG_PREFIX + "data_digest", TAG_PREFIX + BATCHES_TAG]
     found = {key: tags[key] for key in keys if key in tags}
     return found if TAG_PREFIX + "git_commit" in found else run_tags(params) | found
 
@@ -157,6 +181,7 @@ def trace(tracking: Tracking, name: str, ref: str) -> dict[str, Any]:
         "data": {
             "source": params.get("data.source"),
             "digest": tags.get("data_digest"),
+            "batches": read_batches_tag(tags.get(BATCHES_TAG)),
             "dvc": {k.removeprefix("dvc."): v for k, v in tags.items() if k.startswith("dvc.")},
             "datasets": [
                 {"name": d.dataset.name, "digest": d.dataset.digest}
@@ -224,6 +249,7 @@ def format_trace(chain: dict[str, Any]) -> str:
     )
     lines = [
         f"data           {data['source']}  digest {data['digest']}",
+        *_batch_lines(data.get("batches")),
         *(f"  dvc          {path}  {md5}" for path, md5 in data["dvc"].items()),
         *(f"  dataset      {d['name']}  digest {d['digest']}" for d in data["datasets"]),
         f"preprocessing  run {pre['run_id']}  {pre.get('params', {})}"
@@ -242,3 +268,12 @@ def format_trace(chain: dict[str, Any]) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def _batch_lines(batches: list[dict[str, Any]] | None) -> list[str]:
+    """The added batches a model's data held, one line each (none recorded: no line)."""
+    if batches is None:
+        return []
+    if not batches:
+        return ["  batches      none (the original data only)"]
+    return [f"  batch        {b['name']}  {b['rows']} rows  digest {b['digest']}" for b in batches]
