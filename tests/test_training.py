@@ -13,6 +13,7 @@ import torch
 
 from tests.helpers import FAST_TRAINING, pretrain_argv, train_argv
 from trackflow.config import ModelConfig, OptimizationConfig, ScheduleConfig, load_params
+from trackflow.data.preprocessing import ROW_DIGESTS_FILE
 from trackflow.io import read_json
 from trackflow.learn.networks import build_backbone, build_head, count_parameters, load_classifier
 from trackflow.learn.training import (
@@ -321,7 +322,7 @@ def test_backbone_of_another_width_is_a_clear_error(processed, fast_params, caps
     other = Path("narrow")
     for part in processed.glob("*"):
         other.mkdir(exist_ok=True)
-        if part.suffix == ".parquet":
+        if part.suffix == ".parquet" and part.name != ROW_DIGESTS_FILE:  # a part: drop a column
             table = pytest.importorskip("pandas").read_parquet(part)
             table.drop(columns=["pca15"]).to_parquet(other / part.name)
         else:

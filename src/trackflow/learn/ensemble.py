@@ -59,11 +59,17 @@ def train_target(
         Tags saying where the backbone came from (the first member's, for an ensemble).
 
     Raises:
-        ConfigError: ``resume_from`` is given for an ensemble.
+        ConfigError: ``resume_from`` is given for an ensemble, or an ensemble is asked to
+            continue the champion (which is one network).
     """
     if not training.params.train.ensemble.votes:
         plan = transfer_plan(training.params.train)
         return train_candidate(training, plan, pretrained, resume_from=resume_from)
+    if any(transfer_plan(p.train).continues_champion for p in member_params(training.params)):
+        raise ConfigError(
+            "train.mode continue keeps training the champion's one network; train.ensemble asks "
+            "for several: set train.ensemble.size: 1 (and no members) to continue"
+        )
     if resume_from is not None:
         raise ConfigError(
             "--resume continues one network's training; train.ensemble trains several: "

@@ -79,13 +79,61 @@ class FeatureDataModule(pl.LightningDataModule):
                 )
             self.tables[split] = read_table(path)
         self.classes = sorted(self.tables["train"][self.label_column].unique().tolist(), key=str)
-        index = {label: i for i, label in enumerate(self.classes)}
         for split, table in self.tables.items():
-            features = torch.tensor(
-                table.drop(columns=self.label_column).to_numpy(), dtype=torch.float32
+            self.datasets[split] = self._dataset(table)
+
+    def _dataset(self, table: pd.DataFrame) -> TensorDataset:
+        """Features (n_rows, n_features) and class indices (n_rows,) of a table."""
+        index = {label: i for i, label in enumerate(self.classes)}
+        features = torch.tensor(
+            table.drop(columns=self.label_column).to_numpy(), dtype=torch.float32
+        )
+        labels = torch.tensor(table[self.label_column].map(index).to_numpy(), dtype=torch.long)
+        return TensorDataset(features, labels)
+
+    def keep_training_rows(self, ids: pd.Index) -> None:
+        """Train on the rows ``ids`` (row ids of the training part) only; classes stay as they are.
+
+        Raises:
+            DataError: Some ids are not training rows.
+        """
+        self.setup()
+        table = self.tables["train"]
+        unknown = ids.difference(table.index)
+        if len(unknown):
+            raise DataError(f"{len(unknown)} row ids (e.g. {unknown[0]}) are not training rows")
+        self.tables["train"] = table.loc[ids]
+        self.datasets["train"] = self._dataset(self.tables["train"])
+
+    def row_digests(self, columns: Sequence[str]) -> pd.Series:
+        """Raw content digest of each training row, indexed by row id (the preprocess stage's).
+
+        Args:
+            columns: The raw columns the digests are compared over, in order (a model's
+                :class:`~trackflow.registry.gate.SeenRows` columns): the data's own.
+
+        Raises:
+            DataError: The preprocessed data has no digests (written before they were kept).
+            ConfigError: ``columns`` are not the data's raw columns in the data's order.
+        """
+        from trackflow.data.preprocessing import ROW_DIGESTS_FILE
+        from trackflow.errors import ConfigError
+        from trackflow.io import read_json
+
+        path = self.folder / ROW_DIGESTS_FILE
+        if not path.is_file():
+            raise DataError(
+                f"{path} is missing: the preprocessed data predates row digests; run the "
+                "preprocess stage again (dvc repro preprocess)"
             )
-            labels = torch.tensor(table[self.label_column].map(index).to_numpy(), dtype=torch.long)
-            self.datasets[split] = TensorDataset(features, labels)
+        raw = read_json(self.folder / "meta.json")["raw_feature_columns"]
+        if list(columns) != list(raw):
+            raise ConfigError(
+                f"the model's {len(columns)} raw columns are not the data's {len(raw)} (or not in "
+                "the same order): it was trained on other data; use train.mode scratch"
+            )
+        self.setup()
+        return read_table(path)["digest"].reindex(self.tables["train"].index)
 
     @property
     def n_features(self) -> int:

@@ -167,11 +167,19 @@ class TrainingRun:
         callbacks: list[Any],
         tags: dict[str, str],
         resume_from: Path | None = None,
+        head: nn.Module | None = None,
+        lr: float | None = None,
     ) -> None:
-        """Put a new head on ``backbone``, fit both, keep the best weights and log the run."""
+        """Fit ``backbone`` under ``head`` (default: a new one), keep the best weights, log the run.
+
+        ``lr`` replaces the stage's learning rate (``train.continue_lr`` for ``continue``).
+        """
         self.data.setup()
-        head = build_head(backbone.out_features, len(self.data.classes))
-        init_weights(head, self.params.model.init, self.params.base.seed)
+        if head is None:
+            head = build_head(backbone.out_features, len(self.data.classes))
+            init_weights(head, self.params.model.init, self.params.base.seed)
+        if lr is not None:
+            self.config = self.config.model_copy(update={"lr": lr})
         self.module = ClassifierLitModule(backbone, head, self.config, backbone_lr_ratio)
         if self.run_id is not None:
             set_tags(self.tracking, self.run_id, {TAG_PREFIX + k: v for k, v in tags.items()})

@@ -2,10 +2,13 @@
 
 The backbone comes from ``train.backbone``: the pretrain stage's output (``--backbone``), a
 registered ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``, or a ``runs:/`` URI; ``train.mode:
-scratch`` ignores it and starts from random weights. Writes the target model to ``--model-out``,
-``--metrics``, ``--run-out`` (the MLflow run id the evaluation stages append to) and ``--history``
-(per-epoch metrics). ``--resume`` continues from a Lightning checkpoint (the run's
-``checkpoints/last.ckpt`` artifact) in a new run, freeze state and schedule included.
+scratch`` ignores it and starts from random weights; ``train.mode: continue`` keeps training the
+champion's whole network on the rows it has not seen plus a replay of those it has
+(:mod:`trackflow.learn.transfer` decides all of it: nothing here branches on the mode).
+Writes the target model to ``--model-out``, ``--metrics``, ``--run-out`` (the MLflow run id the
+evaluation stages append to) and ``--history`` (per-epoch metrics). ``--resume`` continues from
+a Lightning checkpoint (the run's ``checkpoints/last.ckpt`` artifact) in a new run, freeze state
+and schedule included.
 ``train.ensemble`` trains several networks, each in a child run of the stage's run, and writes
 one model that votes.
 """
