@@ -5,10 +5,11 @@ changes how they are written: thicker strokes (grey dilation), a small shift, a 
 noise. The labels stay right, so the shifted rows can be added as a labelled batch
 (``trackflow add-batch``) after scoring them showed the drift (``trackflow score``).
 
-At the default strength, a scaler + PCA + MLP fitted on the original digits 5-9 (test accuracy
-0.985) scores 0.73 on shifted rows of those classes; fitted again with 600 shifted rows added, 0.955
-on shifted rows and 0.978 on the original ones: the shift is clear, and learnable. scipy (a
-dependency of scikit-learn) does the image operations.
+At the default strength, the pipeline's model (params.yaml with pretrain 3 and train 5 epochs;
+test accuracy 0.985) scores 0.60 on 1000 shifted rows of digits 5-9. After ``trackflow add-batch``
+of 600 other shifted rows and ``dvc repro``, the promoted model scores 0.90 on them and still 0.985
+on the original test rows: the shift is clear, and learnable. ``strength=0.5`` gives 0.80 before.
+scipy (a dependency of scikit-learn) does the image operations.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ LABEL_COLUMN = "target"
 
 
 def _thicken(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
-    """Thicker strokes: half-way (x strength) to the brightest pixel of each 2x2 neighbourhood."""
+    """Thicker strokes: a quarter way (x strength) to each 2x2 neighbourhood's brightest pixel."""
     from scipy import ndimage
 
     dilated = ndimage.grey_dilation(image, size=(2, 2))
-    return image + min(0.5 * strength, 1.0) * (dilated - image)
+    return image + min(0.25 * strength, 1.0) * (dilated - image)
 
 
 def _shift(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
@@ -41,16 +42,16 @@ def _shift(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.n
 
 
 def _rotate(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
-    """Turned about the centre by up to 10 x strength degrees either way."""
+    """Turned about the centre by up to 5 x strength degrees either way."""
     from scipy import ndimage
 
-    angle = rng.uniform(-10.0, 10.0) * strength
+    angle = rng.uniform(-5.0, 5.0) * strength
     return ndimage.rotate(image, angle, reshape=False, order=1, mode="constant", cval=0.0)
 
 
 def _noise(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
-    """Gaussian noise of standard deviation strength (pixel values run 0-16)."""
-    return image + rng.normal(0.0, strength, size=image.shape)
+    """Gaussian noise of standard deviation 0.5 x strength (pixel values run 0-16)."""
+    return image + rng.normal(0.0, 0.5 * strength, size=image.shape)
 
 
 #: The kinds of shift, applied in this order to every row.
