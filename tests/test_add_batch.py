@@ -137,7 +137,9 @@ def test_a_failing_dvc_add_leaves_the_folder_as_it_was(repo, tmp_path, capsys) -
     (BATCHES / ".gitignore").write_text("/something-else\n")
     before = folder_state()
     assert add(stream(tmp_path)) == 3
-    assert "`dvc add data/batches/001-new.parquet` failed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "`dvc add data/batches/001-new.parquet` failed, nothing added: ERROR: " in err
+    assert "overlaps with an output of stage: 'make'" in err
     assert folder_state() == before
 
 

@@ -157,15 +157,17 @@ def add_tracked(batch: pd.DataFrame, path: Path, root: Path) -> None:
         except FileExistsError:
             raise DataError(f"{path} appeared while adding the batch; try again") from None
         done = subprocess.run(
-            [sys.executable, "-m", "dvc", "add", "--quiet", str(path.resolve())],
+            [sys.executable, "-m", "dvc", "add", str(path.resolve())],
             cwd=root,
             capture_output=True,
             text=True,
             check=False,
         )
         if done.returncode:
-            said = (done.stderr or done.stdout).strip().splitlines()
-            raise DataError(f"`dvc add {path}` failed: {said[-1] if said else done.returncode}")
+            said = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+            errors = [line for line in said if line.startswith("ERROR")] or said[-1:]
+            why = " ".join(errors) or f"exit status {done.returncode}"
+            raise DataError(f"`dvc add {path}` failed, nothing added: {why}")
     except BaseException:
         _restore(path, ignore, ignored, folder if created else None)
         raise
