@@ -214,3 +214,34 @@ def test_the_batches_a_model_saw_are_a_tag_its_lineage_shows() -> None:
     ]
     chain["data"]["batches"] = []
     assert "  batches      none (the original data only)" in format_trace(chain)
+
+
+@pytest.mark.slow
+def test_dvc_repro_takes_an_added_batch_into_the_data(tmp_path) -> None:
+    import os
+    import sys
+
+    from tests.helpers import copy_project
+
+    project = tmp_path / "project"
+    project.mkdir()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI")
+
+    def run(*argv: str) -> str:
+        done = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"{argv}: {done.stdout}{done.stderr}"
+        return done.stdout
+
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    copy_project(project)  # with the project's .dvc/config
+    (project / BATCHES).mkdir(parents=True, exist_ok=True)
+    (project / BATCHES / "README.md").write_text("batches\n")
+    run("dvc", "repro", "split")
+    assert run("dvc", "status", "ingest").strip().endswith("up to date.")
+    run("trackflow", "add-batch", str(stream(tmp_path, 40)), "--name", "shifted")
+    assert "modified:           data/batches" in run("dvc", "status", "ingest")
+    run("dvc", "repro", "split")
+    origins = read_origins(project / "data/split")
+    assert origins.value_counts().to_dict() == {ORIGINAL: 1797, "001-shifted": 40}
