@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import dvc
+from tests.helpers import copy_project, dvc
 from trackflow.cli import main
 from trackflow.data.batches import ORIGINAL, read_origins
 from trackflow.data.ingest import load_bundled
@@ -218,11 +220,6 @@ def test_the_batches_a_model_saw_are_a_tag_its_lineage_shows() -> None:
 
 @pytest.mark.slow
 def test_dvc_repro_takes_an_added_batch_into_the_data(tmp_path) -> None:
-    import os
-    import sys
-
-    from tests.helpers import copy_project
-
     project = tmp_path / "project"
     project.mkdir()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
