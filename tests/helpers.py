@@ -60,7 +60,8 @@ def write_project_params(path: Path, overrides: dict[str, Any] | None = None) ->
 
 def copy_project(destination: Path) -> None:
     """Copy what a pipeline run needs (code, dvc.yaml, params, DVC config) into ``destination``."""
-    for name in ("src", "data/raw", ".dvc/config", "dvc.yaml", "params.yaml", ".gitignore"):
+    names = ("src", "data/raw", "data/batches/README.md", ".dvc/config", "dvc.yaml", "params.yaml")
+    for name in (*names, ".gitignore"):
         source = REPO_ROOT / name
         target = destination / name
         target.parent.mkdir(parents=True, exist_ok=True)
