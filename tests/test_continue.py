@@ -133,8 +133,12 @@ def test_the_stage_continues_at_continue_lr_and_tags_the_run(
     assert history["lr/head"].iloc[0] == history["lr/backbone"].iloc[0]  # all of it trains
     lr = load_params(continue_params).train.continue_lr  # the schedule at 0.5 after epoch 1 of 2
     assert history["lr/head"].iloc[0] == pytest.approx(0.5 * lr)
-    saved = load_network("model.pt")  # one network, as the champion, with its classes
-    assert saved["classes"] == load_network(good.files["model"])["classes"]
+    saved, champion = load_network("model.pt"), load_network(good.files["model"])
+    assert saved["classes"] == champion["classes"]  # one network, as the champion's
+    assert saved["model"] == champion["model"] != load_params(continue_params).model.model_dump()
+    network, _ = load_classifier("model.pt")  # loads: the architecture is the weights' own
+    rows = read_table(good.processed / "target_test.parquet").drop(columns=LABEL)
+    assert network(torch.tensor(rows.to_numpy(), dtype=torch.float32)).shape == (len(rows), 5)
     assert read_json("train_run.json")["mode"] == "continue"
 
 

@@ -93,6 +93,9 @@ class TrainingRun:
             data_dir, task, params.data.label_column, config.batch_size, params.base.seed
         )
         self.tracking = setup_tracking(params.base.mlflow)
+        #: The fitted network's architecture, saved with its weights: ``params.model``, or the
+        #: architecture of the network training started from (``continue``: the champion's).
+        self.architecture = params.model
         self.is_writer = rank_zero_only.rank == 0
         self.run_id: str | None = None
         self.metrics: dict[str, float] = {}
@@ -258,7 +261,7 @@ class TrainingRun:
         save_network(
             local,
             self.module.backbone,
-            self.params.model,
+            self.architecture,
             self.data.n_features,
             head=self.module.head if with_head else None,
             classes=self.data.classes,

@@ -167,7 +167,12 @@ def continue_champion(
 def _whole_network(
     saved: dict[str, Any], training: TrainingRun, label: str
 ) -> tuple[nn.Module, nn.Module]:
-    """A saved single network's backbone and head, checked against ``training``'s data."""
+    """A saved single network's backbone and head, checked against ``training``'s data.
+
+    ``training`` saves the network it fits with the saved network's architecture (``model.*``
+    may have changed since: the weights decide).
+    """
+    from trackflow.config import ModelConfig
     from trackflow.errors import ConfigError
     from trackflow.learn.networks import ENSEMBLE_FORMAT, build_head, load_backbone
 
@@ -193,6 +198,7 @@ def _whole_network(
     backbone = load_backbone(saved, data.n_features, label)
     head = build_head(backbone.out_features, len(classes))
     head.load_state_dict(saved["head"])
+    training.architecture = ModelConfig(**saved["model"])  # saved with the weights it fits
     return backbone, head
 
 
