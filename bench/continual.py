@@ -12,8 +12,10 @@ saw, at ``train.continue_lr``) and (b) ``train.mode: scratch`` on the union.
 Printed, side by side, medians over the seeds and each seed's value: accuracy on the original
 test rows and on the shifted test rows, before (the champion) and after; the recovered share of
 the drop the shift caused, ``(new_after - new_before) / (old_before - new_before)``; forgetting,
-``old_before - old_after``; the train stage's wall time. The targets: continue recovers at least
-90% of the drop and forgets at most ``promotion.max_forgetting`` (0.01).
+``old_before - old_after``; the train stage's wall time and epochs; and whether the register
+stage's gate (``promotion.*``, forgetting rule included) promotes the first continue variant.
+The targets: continue recovers at least 90% of the drop and forgets at most
+``promotion.max_forgetting`` (0.01).
 
     python bench/continual.py                          # seeds 0 1 2, the repository's params
     python bench/continual.py --quick --seeds 0        # 3 epochs everywhere: the wiring only
@@ -102,21 +104,37 @@ def measure(
         row["champion: shifted test rows"] = before["new"]
         defaults = flatten_params(params)
         runs = [(variant_name(v), {"train.mode": "continue", **v}) for v in variants]
-        for name, settings in [*runs, ("scratch", {"train.mode": "scratch"})]:
+        runs.append(("scratch", {"train.mode": "scratch"}))
+        found = {}
+        for name, settings in [*runs[1:], runs[0]]:  # the first continue last: the gate judges it
             seconds, epochs = train_timed(folder, settings)
             set_params(folder, {key: defaults[key] for key in settings})  # for the next one
-            after = {"old": accuracy(old_test, label), "new": accuracy(new_test, label)}
-            drop = before["old"] - before["new"]
-            row[f"{name}: old test rows"] = after["old"]
-            row[f"{name}: shifted test rows"] = after["new"]
-            row[f"{name}: recovered share of the drop"] = (after["new"] - before["new"]) / drop
-            row[f"{name}: forgetting (old before - after)"] = before["old"] - after["old"]
-            row[f"{name}: seconds, train stage"] = seconds
-            row[f"{name}: epochs"] = epochs
+            found[name] = scores(before, old_test, new_test, label) | {
+                "seconds, train stage": seconds,
+                "epochs": epochs,
+            }
             if name.startswith("continue"):
-                tags = read_json("models/train_run.json")
-                row[f"{name}: rows new/replayed"] = _rows_trained(tags["run_id"])
+                run_id = read_json("models/train_run.json")["run_id"]
+                found[name]["rows new/replayed"] = _rows_trained(run_id)
+        run("anomaly", "register")
+        registered = read_json("models/registered.json")
+        found[runs[0][0]]["promoted by the gate (1 = yes)"] = float(registered["promoted"])
+        print(f"seed {seed}, {runs[0][0]}: {registered['decision']}: {registered['reason']}")
+        for name, _ in runs:
+            row |= {f"{name}: {key}": value for key, value in found[name].items()}
     return row
+
+
+def scores(before: dict[str, float], old_test: Any, new_test: Any, label: str) -> dict[str, float]:
+    """The train stage's model on the old and shifted test rows, against the champion's."""
+    after = {"old": accuracy(old_test, label), "new": accuracy(new_test, label)}
+    drop = before["old"] - before["new"]
+    return {
+        "old test rows": after["old"],
+        "shifted test rows": after["new"],
+        "recovered share of the drop": (after["new"] - before["new"]) / drop,
+        "forgetting (old before - after)": before["old"] - after["old"],
+    }
 
 
 def variant_name(settings: dict[str, Any]) -> str:
