@@ -18,6 +18,7 @@ from trackflow.data.batches import ORIGINAL, read_origins
 from trackflow.data.ingest import load_bundled
 from trackflow.data.shift import shifted_digits
 from trackflow.io import read_json, read_table
+from trackflow.pipeline.driver import stage_order
 from trackflow.stages.ingest import main as ingest
 from trackflow.stages.split import main as split
 
@@ -239,6 +240,8 @@ def test_dvc_repro_takes_an_added_batch_into_the_data(tmp_path) -> None:
     assert run("dvc", "status", "ingest").strip().endswith("up to date.")
     run("trackflow", "add-batch", str(stream(tmp_path, 40)), "--name", "shifted")
     assert "modified:           data/batches" in run("dvc", "status", "ingest")
+    # the batch's .dvc file is a stage of DVC's graph too, one with nothing to run
+    assert stage_order(project, "split") == ["ingest", "split"]
     run("dvc", "repro", "split")
     origins = read_origins(project / "data/split")
     assert origins.value_counts().to_dict() == {ORIGINAL: 1797, "001-shifted": 40}

@@ -18,7 +18,7 @@ from trackflow.config import load_params
 from trackflow.io import read_json, read_table
 from trackflow.registry.loading import NotPackagedModel, UnloadableVersion, load_version
 from trackflow.registry.packaging import Scorer, log_packaged_model
-from trackflow.registry.uris import create_registered_model, model_uri
+from trackflow.registry.uris import create_registered_model, model_uri, resolve
 from trackflow.tracking import Tracking, fluent_tracking, setup_tracking
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -100,6 +100,18 @@ def test_a_model_that_is_not_trackflow_s_is_refused_in_one_line(registered, cand
     ).version
     with pytest.raises(NotPackagedModel, match=r"is not a trackflow packaged model \(it holds no"):
         load_version(tracking, model_uri(name, version=version))
+
+
+def test_a_models_uri_resolves_in_the_configured_store_without_the_environment_variable(
+    registered, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``train.backbone``/``continue`` under plain ``dvc repro``: params' store, no env variable."""
+    tracking, name, version = registered
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)  # where MLflow's default registry, ./mlflow.db, would be made
+    resolved = resolve(tracking, model_uri(name, alias="champion"), tmp_path / "out")
+    assert resolved.version == version and resolved.path.is_dir()
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_creating_a_registered_model_twice_creates_it_once(registered) -> None:

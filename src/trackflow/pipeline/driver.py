@@ -116,6 +116,7 @@ def stage_order(root: Path, until: str | None = None) -> list[str]:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
     from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
+    from dvc.stage import PipelineStage
 
     try:
         repo = Repo(str(root))
@@ -127,7 +128,8 @@ def stage_order(root: Path, until: str | None = None) -> list[str]:
         except DvcException as exc:
             names = ", ".join(stage.name for stage in repo.index.stages)
             raise ConfigError(f"no stage {until!r} in dvc.yaml ({exc}); stages: {names}") from None
-        return [s.name for s in plan_repro(get_active_graph(repo.index.graph), targets)]
+        stages = plan_repro(get_active_graph(repo.index.graph), targets)
+        return [s.name for s in stages if isinstance(s, PipelineStage)]  # not a batch's .dvc
 
 
 def stage_status(root: Path, stage: str) -> str | None:

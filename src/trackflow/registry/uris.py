@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trackflow.errors import ConfigError
-from trackflow.tracking import Tracking
+from trackflow.tracking import Tracking, fluent_tracking
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -121,9 +121,12 @@ def resolve(tracking: Tracking, uri: str, destination: str | Path) -> Resolved:
                 f"{uri!r} is not 'models:/NAME@ALIAS', 'models:/NAME/VERSION' or "
                 "'runs:/RUN_ID/PATH'"
             )
-        path = mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(destination), tracking_uri=tracking.tracking_uri
-        )
+        # models:/ is resolved through the process-wide registry URI, not tracking_uri=: without
+        # MLFLOW_TRACKING_URI it would look in ./mlflow.db, MLflow's default, and find nothing
+        with fluent_tracking(tracking):
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(destination), tracking_uri=tracking.tracking_uri
+            )
     except MlflowException as exc:
         raise ConfigError(
             f"{uri!r} cannot be resolved in {tracking.tracking_uri}: {exc.message}"
