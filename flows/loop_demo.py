@@ -629,8 +629,11 @@ def report(result: dict[str, Any]) -> None:
     print(
         f"Requests during the loop: {result['answers']}, failed: {len(result['failed_requests'])}"
     )
-    print(f"Everything is kept in {result['workdir']} (MLflow: `mlflow ui --backend-store-uri "
-          f"sqlite:///{result['workdir']}/project/mlruns/mlflow.db`)")  # fmt: skip
+    workdir = result["workdir"]
+    print(f"Everything is kept in {workdir}; to look at it:\n"
+          f"  mlflow ui --backend-store-uri sqlite:///{workdir}/project/mlruns/mlflow.db\n"
+          f"  PREFECT_SERVER_DATABASE_CONNECTION_URL=sqlite+aiosqlite:///{workdir}/prefect/"
+          "prefect.db prefect server start")  # fmt: skip
 
 
 if __name__ == "__main__":
