@@ -2,6 +2,7 @@
 # `make test`: set up (if needed), lint (ruff check, ruff format --check), then run the test suite;
 #   CI runs it from a clean clone (.ci/run). `make test-fast` skips the lint and the slow tests.
 # `make flow`, `make serve`: the pipeline as a Prefect flow; the REST service on the champion.
+# `make loop-demo`: drift -> new labels -> retraining -> promotion -> served, timed.
 # `make services`, `make services-down`: the team services on this machine (docs/scale-out.md).
 # Set-up creates .venv with the Python found as $(PYTHON) and installs the locked set of packages.
 
@@ -13,12 +14,13 @@ PYTEST_ARGS ?=
 SWEEP_ARGS ?=
 WORKERS ?= 2
 SERVICES_ARGS ?=
+LOOP_ARGS ?=
 
 # Stages call `python -m trackflow...`: the venv's interpreter must come first on PATH.
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run flow serve sweep services services-down test test-fast lint format lock clean
+.PHONY: install run flow serve sweep loop-demo services services-down test test-fast lint format lock clean
 
 install: $(INSTALLED)
 
@@ -44,6 +46,13 @@ serve: install
 sweep: install
 	dvc repro pretrain
 	trackflow sweep $(SWEEP_ARGS)
+
+# The online-learning loop end to end, timed (docs/online-learning.md): on a copy of the project in
+# a new temporary folder (kept), a Prefect server, a worker and `trackflow serve`; a shifted stream
+# drifts, its labelled rows are added, the drift event retrains, the gate promotes, the service
+# follows. `make loop-demo LOOP_ARGS=--tiny`: the same with small settings.
+loop-demo: install
+	python -m flows.loop_demo $(LOOP_ARGS)
 
 # The team services on this machine (docs/scale-out.md): PostgreSQL, an MLflow tracking server and
 # a Prefect server on it, $(WORKERS) Prefect workers; state in .services/. Then, in your shell,

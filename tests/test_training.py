@@ -230,6 +230,7 @@ def test_train_stage_records_one_complete_mlflow_run(processed, fast_params) -> 
     )
     assert run.data.tags["trackflow.backbone_run_id"] == read_json("pretrain_run.json")["run_id"]
     assert len(run.data.tags["trackflow.data_digest"]) == 16
+    assert run.data.tags["trackflow.data_batches"] == "none"  # lineage: no batch added
     history = client.get_metric_history(run_id, "val/loss")
     assert [m.step for m in history] == list(range(EPOCHS))
     for key in ("train/loss", "val/acc", "lr/head", "lr/backbone", "params/trainable"):

@@ -32,7 +32,7 @@ from trackflow.learn.training import (
     fit_classifier,
     summary_metrics,
 )
-from trackflow.registry.lineage import log_datasets, params_hash, run_tags
+from trackflow.registry.lineage import batches_tag, log_datasets, params_hash, run_tags
 from trackflow.tracking import (
     TAG_PREFIX,
     log_metrics,
@@ -112,6 +112,7 @@ class TrainingRun:
                 TAG_PREFIX + "data_digest": meta["dataset_digest"],
                 TAG_PREFIX + "preprocess_run_id": str(meta.get("run_id")),
             } | run_tags(self.params)
+            tags |= batches_tag(meta.get("batches", []))  # which added batches it saw (lineage)
             tags = source_tags(f"trackflow.stages.{self.name}") | tags | self.extra_tags
             run = self.tracking.client.create_run(
                 self.tracking.experiment_id, run_name=self.run_name, tags=tags

@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> None:
                 "raw_feature_columns": [c for c in parts["target_train"].columns if c != label],
                 "label_column": label,
                 "run_id": run_id,
+                "batches": summary.get("batches", []),  # the added batches in these rows
             },
             out / "meta.json",
         )
