@@ -18,15 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trackflow.registry.promotion import CHAMPION  # continue's starting point, head included
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
     from torch import nn
 
     from trackflow.config import TrainConfig
     from trackflow.learn.training_run import TrainingRun
-
-#: ``TransferPlan.backbone`` of ``continue``: the champion of ``model.name``, head included.
-CHAMPION = "champion"
 
 
 @dataclass(frozen=True)
