@@ -9,14 +9,16 @@ Prefect server with its services, a ``process`` worker of the work pool ``trackf
 ``trackflow serve`` on the copy's champion. Then, timing each step:
 
 1. ``dvc repro``: the first champion (``--tiny``: a few epochs, floors at 0: the wiring, not the
-   accuracy); the ``retrain`` deployment of ``prefect.yaml`` is deployed with its drift trigger;
-2. a retrain run before any new label: it says so and registers nothing (run by hand, once);
-3. ``trackflow shifted-digits``: a shifted stream of the target classes to score, labelled rows of
-   the same shift to learn from, and labelled held-out rows to measure on;
+   accuracy); the ``retrain`` deployment of ``prefect.yaml`` is deployed with its drift trigger
+   (its cool-down shortened to ``--cooldown``, 30 s, so that the demo need not wait 600 s);
+2. ``trackflow shifted-digits``: two shifted streams of the target classes to score, labelled rows
+   of the same shift to learn from, and labelled held-out rows to measure on;
+3. drift before labels: ``python -m flows.scoring`` of the first stream finds it drifted and
+   emits ``trackflow.batch.drifted``; the trigger's automation starts a retrain run, which finds no
+   new labelled rows and stops, registering nothing;
 4. ``trackflow add-batch``: the labelled shifted rows join the data;
-5. ``python -m flows.scoring``: the stream is scored, found drifted, and the event
-   ``trackflow.batch.drifted`` is emitted; the trigger's automation creates a retrain run, which
-   the worker runs (``train.mode: continue``); the gate decides; the service follows the alias.
+5. once the cool-down is over, the second stream is scored: drift, the event, a retrain run
+   (``train.mode: continue``) by the worker; the gate decides; the service follows the alias.
 
 Meanwhile four clients keep asking the service for predictions (about 20 requests/s in all);
 every answer is recorded. It
@@ -66,6 +68,7 @@ TINY = {
     "promotion.min_anomaly_auroc": 0.0,
 }
 DEPLOYMENT = "trackflow-retrain/retrain"
+TRIGGER_NAME = "trackflow-retrain-on-drift"  # prefect.yaml: the automation prefect deploy makes
 
 
 @dataclass
@@ -115,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stream-rows", type=int, default=300, help="shifted rows to score")
     parser.add_argument("--holdout-rows", type=int, default=500, help="rows to measure accuracy")
     parser.add_argument(
-        "--cooldown", type=int, help="trigger's cool-down, s (default: prefect.yaml's)"
+        "--cooldown", type=int, default=30, help="the trigger's cool-down, s (prefect.yaml: 600)"
     )
     parser.add_argument("--timeout", type=float, default=900, help="most seconds to wait a step")
     parser.add_argument("--json", type=Path, help="write the timeline and figures here")
@@ -160,21 +163,32 @@ def run(workdir: Path, overrides: dict[str, Any], args: argparse.Namespace) -> d
         serve = stack.enter_context(service(project, env, logs / "serve.log", args.timeout))
         timeline.mark("service ready", f"serving version {first}")
 
-        no_labels = retrain_without_labels(env, tracking, name, args.timeout)
-        timeline.mark("retrain without new labels", no_labels["message"])
-
         data = shifted_data(workdir / "stream", project, env, args)
         accuracy_before = serve.accuracy(data["holdout"])
         answers = Answers()
         stack.enter_context(streaming(serve, data["holdout"], answers))
+
+        # Drift before any label: the event's run finds nothing new and stops.
+        early = score(data["early"], project, env, logs / "scoring-early.log", args.timeout)
+        timeline.mark("drift before labels", ", ".join(early["drift"]["rules_fired"]) or "NO DRIFT")
+        no_labels = retrain_without_labels(env, tracking, name, args, logs)
+        timeline.mark("retrain without new labels", no_labels["message"], no_labels["ended"])
+        cool_down_ends = no_labels["created"] + no_labels["cooldown_s"]
+
         step(["trackflow", "add-batch", str(data["labelled"])], project, env,
              logs / "add-batch.log", args.timeout)  # fmt: skip
         timeline.mark("batch added", f"{args.add_rows} labelled shifted rows (trackflow add-batch)")
+        if (wait := cool_down_ends + 1 - time.time()) > 0:
+            print(f"(waiting {wait:.0f} s for the trigger's cool-down to end)", flush=True)
+            time.sleep(wait)
 
         scored = score(data["stream"], project, env, logs / "scoring.log", args.timeout)
         drift = scored["drift"]
         timeline.mark("drift detected", ", ".join(drift["rules_fired"]) or "NO DRIFT")
-        run_, promoted, promoted_time = wait_for_retrain(env, tracking, name, first, args, logs)
+        known = {no_labels["flow_run_id"]}
+        run_, promoted, promoted_time = wait_for_retrain(
+            env, tracking, name, first, args, logs, known
+        )
         timeline.mark("retrain started", f"flow run {run_.name}", run_.start_time.timestamp())
         if promoted:
             timeline.mark("version promoted", f"version {promoted}", promoted_time)
@@ -197,6 +211,12 @@ def run(workdir: Path, overrides: dict[str, Any], args: argparse.Namespace) -> d
         "versions": {"before": first, "after": promoted},
         "steps": timeline.steps,
         "no_labels_run": no_labels,
+        "retrain_run": {
+            "flow_run": run_.name,
+            "state": run_.state_name,
+            "drifted_batch": run_.parameters.get("drifted_batch"),
+            "drift_event_id": run_.parameters.get("drift_event_id"),
+        },
         "drift": {k: drift.get(k) for k in ("detected", "rules_fired", "share_drifted", "max_psi")},
         "accuracy_shifted": {"before": accuracy_before, "after": accuracy_after},
         "drift_to_served_s": drift_to_served,
@@ -440,8 +460,8 @@ def streaming(served: Service, holdout: Path, answers: Answers) -> Iterator[None
 def shifted_data(folder: Path, project: Path, env: dict[str, str], args: argparse.Namespace):
     """Three shifted tables of the target classes (``trackflow shifted-digits``), by name.
 
-    ``labelled``: rows to add; ``stream``: rows to score (no label); ``holdout``: labelled rows to
-    measure on. Each has its own seed.
+    ``labelled``: rows to add; ``early`` and ``stream``: rows to score before and after the labels
+    come (no label); ``holdout``: labelled rows to measure on. Each has its own seed.
     """
     from trackflow.config import load_params
 
@@ -449,6 +469,7 @@ def shifted_data(folder: Path, project: Path, env: dict[str, str], args: argpars
     classes = [str(c) for c in load_params(project / "params.yaml").data.target_classes or ()]
     tables = {
         "labelled": (args.add_rows, 11, []),
+        "early": (args.stream_rows, 14, ["--no-label"]),
         "stream": (args.stream_rows, 12, ["--no-label"]),
         "holdout": (args.holdout_rows, 13, []),
     }
@@ -468,22 +489,40 @@ def score(stream: Path, project: Path, env: dict[str, str], log: Path, timeout: 
     return json.loads(stream.with_name(f"{stream.stem}.drift.json").read_text())
 
 
-def retrain_without_labels(env: dict[str, str], tracking: Any, name: str, timeout: float):
-    """A run of the retrain deployment before any new label: it must stop, registering nothing."""
+def retrain_without_labels(
+    env: dict[str, str], tracking: Any, name: str, args: argparse.Namespace, logs: Path
+) -> dict[str, Any]:
+    """The run the first drift event started, before any label: it must stop, registering nothing.
+
+    Returns what it said, when it was created and ended, and the trigger's cool-down.
+    """
     from prefect.client.orchestration import SyncPrefectClient
-    from prefect.deployments import run_deployment
 
     before = versions(tracking, name)
-    with prefect_settings(env):
-        flow_run = run_deployment(DEPLOYMENT, timeout=timeout)
+    run, _, _ = wait_for_retrain(env, tracking, name, before[-1], args, logs, set())
     with SyncPrefectClient(env["PREFECT_API_URL"]) as client:
-        report = retrain_report(client, flow_run.id)
+        report = retrain_report(client, run.id)
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+        (automation,) = client.read_automations_by_name(TRIGGER_NAME)
+        if automation.actions[0].deployment_id != deployment.id:
+            raise SystemExit(f"automation {TRIGGER_NAME} does not run {DEPLOYMENT}")
+        cooldown = automation.trigger.within.total_seconds()
     after = versions(tracking, name)
-    if not flow_run.state.is_completed() or "no new rows" not in report or after != before:
+    if "no new rows" not in report or after != before:
         raise SystemExit(f"the retrain run without new labels did not stop cleanly:\n{report}")
     message = next(line for line in report.splitlines() if line.startswith("no new labelled rows"))
-    return {"flow_run": flow_run.name, "state": flow_run.state_name, "message": message,
-            "versions_before": before, "versions_after": after}  # fmt: skip
+    return {
+        "flow_run": run.name,
+        "flow_run_id": str(run.id),
+        "state": run.state_name,
+        "drifted_batch": run.parameters.get("drifted_batch"),
+        "message": message,
+        "versions_before": before,
+        "versions_after": after,
+        "created": run.created.timestamp(),
+        "ended": run.end_time.timestamp(),
+        "cooldown_s": cooldown,
+    }
 
 
 def wait_for_retrain(
@@ -493,6 +532,7 @@ def wait_for_retrain(
     first: str,
     args: argparse.Namespace,
     logs: Path,
+    known: set[str],
 ) -> tuple[Any, str | None, float | None]:
     """The retrain run the drift event's automation created, once it has finished.
 
@@ -508,7 +548,8 @@ def wait_for_retrain(
 
         def triggered() -> Any:
             runs = client.read_flow_runs(deployment_filter=only_this)
-            return next((r for r in runs if r.parameters.get("drift_event_id")), None)
+            started = [r for r in runs if r.parameters.get("drift_event_id")]
+            return next((r for r in started if str(r.id) not in known), None)
 
         found = wait_until(triggered, 120, "a retrain run started by the drift event")
         promoted: list[tuple[str, float]] = []
