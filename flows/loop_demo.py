@@ -146,8 +146,8 @@ def run(workdir: Path, overrides: dict[str, Any], args: argparse.Namespace) -> d
     home = workdir / "prefect"
     env = base_env(home)
     tracking, name = project_tracking(project)
-    # Every process on the copy's store, whatever folder it starts in (the worker runs flows from
-    # the checkout); a models:/ URI is resolved through MLflow's global registry URI too.
+    # Every process on the copy's store, whatever folder it starts in (the worker runs the flows
+    # from the checkout, the stages run in the copy).
     env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri
     with ExitStack() as stack:
         api_url = stack.enter_context(prefect_server(home, env, logs))  # starts while dvc runs
